@@ -1,0 +1,92 @@
+# Copyright 2026 The attnres authors. Licensed under the Apache License, Version 2.0.
+"""What an AttnRes config builds: its block layout, the sources every sublayer reads, and its parameter counts."""
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .configuration_attnres import AttnResConfig
+from .modeling_attnres import AttnResForCausalLM
+
+
+@dataclass
+class ModelLayout:
+    residual_mode: str
+    num_hidden_layers: int
+    hidden_size: int
+    attn_res_block_size: int
+    attn_res_num_blocks: int
+    total_parameters: int
+    attnres_parameters: int
+    # (aggregation name, source names), one per sublayer and one for the final output
+    depth_sources: list[tuple[str, list[str]]]
+
+    @property
+    def attnres_fraction(self) -> float:
+        return self.attnres_parameters / self.total_parameters
+
+    def to_dict(self) -> dict:
+        return asdict(self) | {"attnres_fraction": self.attnres_fraction}
+
+
+def aggregation_names(num_hidden_layers: int) -> list[str]:
+    """`layers.0.attn`, `layers.0.mlp`, ..., `output`: the AttnRes aggregations in forward order."""
+    return [f"layers.{i}.{kind}" for i in range(num_hidden_layers) for kind in ("attn", "mlp")] + ["output"]
+
+
+def describe(config: AttnResConfig) -> ModelLayout:
+    """Lay out `config` without allocating weights: the model is built on the meta device to count parameters."""
+    with torch.device("meta"):
+        model = AttnResForCausalLM(config)
+    parameters = dict(model.named_parameters())
+    return ModelLayout(
+        residual_mode=config.residual_mode,
+        num_hidden_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        attn_res_block_size=config.attn_res_block_size,
+        attn_res_num_blocks=config.attn_res_num_blocks,
+        total_parameters=sum(p.numel() for p in parameters.values()),
+        attnres_parameters=sum(p.numel() for name, p in parameters.items() if "_res_" in name),
+        depth_sources=list(zip(aggregation_names(config.num_hidden_layers), config.depth_sources())),
+    )
+
+
+def short_source_name(name: str) -> str:
+    """`embedding` -> `emb`, `block 3: layers 4-5 (partial)` -> `b3*`, `layer 2 mlp` -> `2.mlp`."""
+    partial = name.endswith(" (partial)")
+    name = name.removesuffix(" (partial)")
+    if name == "embedding":
+        short = "emb"
+    elif name.startswith("block "):
+        short = "b" + name.split(":")[0].removeprefix("block ")
+    else:
+        short = name.removeprefix("layer ").replace(" ", ".")
+    return short + ("*" if partial else "")
+
+
+def format_layout(layout: ModelLayout, max_sources_shown: int = 12) -> str:
+    lines = [f"residual_mode: {layout.residual_mode}"]
+    if layout.residual_mode == "block":
+        lines.append(
+            f"blocks: {layout.attn_res_num_blocks} of {layout.attn_res_block_size} layer(s) "
+            f"({layout.num_hidden_layers} layers, {2 * layout.num_hidden_layers} sublayers)"
+        )
+        lines += [f"  {name.split(':')[0]}: {name.split(': ')[1]}" for name in layout.depth_sources[-1][1][1:]]
+    if layout.attnres_parameters:
+        lines.append(
+            f"parameters: {layout.total_parameters:,} total, {layout.attnres_parameters:,} AttnRes "
+            f"({100 * layout.attnres_fraction:.3f}%: a pseudo-query and a key RMSNorm of {layout.hidden_size} per "
+            "sublayer and for the output)"
+        )
+    else:
+        lines.append(f"parameters: {layout.total_parameters:,} total, none AttnRes (PreNorm baseline)")
+    if layout.residual_mode != "standard":
+        lines.append("depth sources of each aggregation (emb = token embedding, bN = block N, * = partial sum):")
+        width = max(len(name) for name, _ in layout.depth_sources)
+        for name, sources in layout.depth_sources:
+            shown = [short_source_name(source) for source in sources]
+            if len(shown) > max_sources_shown:
+                half = max_sources_shown // 2
+                shown = shown[:half] + ["..."] + shown[-half:]
+            lines.append(f"  {name:<{width}}  {len(sources):>3}  {' '.join(shown)}")
+    return "\n".join(lines)

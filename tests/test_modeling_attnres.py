@@ -1,0 +1,313 @@
+"""Numerics of AttnResForCausalLM against independent references: transformers' own models (standard mode), the
+paper-literal loop of reference_attnres.py (block and full modes), and itself (cache, padding, checkpointing)."""
+
+import copy
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+from attnres import AttnResConfig, AttnResForCausalLM
+from tests.conftest import TOLERANCES, assert_close
+from tests.reference_attnres import reference_logits
+from tests.tiny_models import FAMILIES, attnres_parameter_names, family_pair, randomize_, tiny_config
+
+
+SEQ = 12  # longer than the sliding window (4) of the Mistral/Qwen2 twins, so the window matters
+
+
+def random_ids(batch: int = 2, seq: int = SEQ, seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 99, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def attnres_model(residual_mode: str = "block", query_std: float | None = None, **overrides) -> AttnResForCausalLM:
+    return randomize_(AttnResForCausalLM(tiny_config(residual_mode, **overrides)), query_std=query_std).eval()
+
+
+# --- standard mode is the transformers model -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_standard_mode_equals_transformers(family):
+    reference, model = family_pair(family, "standard")
+    ids = random_ids()
+    labels = random_ids(seed=1)
+    expected = reference(ids, labels=labels, output_hidden_states=True)
+    actual = model(ids, labels=labels, output_hidden_states=True)
+    assert_close(actual.logits, expected.logits, "exact", f"standard vs {family} logits")
+    assert_close(actual.loss, expected.loss, "exact", f"standard vs {family} loss")
+    assert len(actual.hidden_states) == len(expected.hidden_states) == 6
+    for ours, theirs in zip(actual.hidden_states, expected.hidden_states):
+        assert_close(ours, theirs, "exact", f"standard vs {family} hidden states")
+
+
+def test_standard_mode_has_no_attnres_parameters():
+    assert attnres_parameter_names(AttnResForCausalLM(tiny_config("standard"))) == set()
+
+
+# --- zero pseudo-queries reproduce the PreNorm network ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("mode, overrides", [("block", {}), ("block", {"attn_res_block_size": 1}), ("full", {})])
+def test_zero_queries_equal_standard(family, mode, overrides):
+    reference, model = family_pair(family, mode, **overrides)
+    ids = random_ids()
+    assert_close(model(ids).logits, reference(ids).logits, "fp32", f"zero-query {mode}{overrides} vs {family}")
+
+
+def test_zero_query_hidden_states_are_the_stream_over_the_source_count():
+    """The claim behind the exact graft: a zero-query aggregation over n sources is the residual stream / n."""
+    reference, model = family_pair("llama", "block")
+    ids = random_ids()
+    theirs = reference(ids, output_hidden_states=True).hidden_states
+    ours = model(ids, output_hidden_states=True).hidden_states
+    counts = [len(s) for s in model.config.depth_sources()[0::2]]  # each layer's attention aggregation
+    for layer_idx, count in enumerate(counts[:-1]):
+        assert_close(ours[layer_idx] * count, theirs[layer_idx], "fp32", f"layer {layer_idx} input x {count}")
+
+
+def test_eps_rescaling_is_what_makes_zero_queries_exact():
+    """Negative control: with the PreNorm eps left at ε instead of ε / n², the zero-query model drifts from the
+    PreNorm network beyond the fp32 tolerance and far beyond the rounding-level difference of the rescaled model."""
+    reference, model = family_pair("llama", "block")
+    ids = random_ids()
+    expected = reference(ids).logits
+    exact = (model(ids).logits - expected).abs().max().item()
+    for module in model.modules():
+        if hasattr(module, "variance_epsilon"):
+            module.variance_epsilon = model.config.rms_norm_eps
+    drift = (model(ids).logits - expected).abs().max().item()
+    print(f"[max-abs-diff] zero-query block vs llama: {exact:.3g} with eps/n², {drift:.3g} with eps")
+    assert drift > 10 * exact and drift > 1e-5
+
+
+# --- block and full modes equal the paper-literal loop ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "mode, overrides",
+    [
+        ("block", {"attn_res_block_size": 1}),
+        ("block", {"attn_res_block_size": 2}),  # last block shorter (5 layers)
+        ("block", {"attn_res_block_size": 3}),
+        ("block", {"attn_res_block_size": 5}),  # N = 1
+        ("block", {"attn_res_num_blocks": 8, "num_hidden_layers": 8}),
+        ("full", {}),
+    ],
+)
+def test_model_equals_naive_reference(mode, overrides):
+    model = attnres_model(mode, query_std=0.3, attn_implementation="eager", **overrides)
+    ids = random_ids()
+    expected_logits, expected_weights = reference_logits(model, ids)
+    output = model(ids, output_depth_attentions=True)
+    assert_close(output.logits, expected_logits, "fp32_reference", f"{mode}{overrides} vs naive reference")
+    assert len(output.depth_attentions) == len(expected_weights) == 2 * model.config.num_hidden_layers + 1
+    for ours, theirs in zip(output.depth_attentions, expected_weights):
+        assert_close(ours, theirs, "fp32", f"{mode}{overrides} depth weights")
+    # The weights are not trivially uniform: random queries make them input dependent.
+    assert max(w.std().item() for w in output.depth_attentions if w.shape[-1] > 1) > 0.05
+
+
+def test_depth_attentions_are_uniform_at_init_and_sum_to_one():
+    model = AttnResForCausalLM(tiny_config("block")).eval()
+    weights = model(random_ids(), output_depth_attentions=True).depth_attentions
+    for sources, w in zip(model.config.depth_sources(), weights):
+        assert w.dtype == torch.float32 and w.shape == (2, SEQ, len(sources))
+        assert_close(w, torch.full_like(w, 1 / len(sources)), "exact", "zero-init depth weights")
+
+
+def test_standard_mode_returns_no_depth_attentions():
+    model = AttnResForCausalLM(tiny_config("standard")).eval()
+    assert model(random_ids(), output_depth_attentions=True).depth_attentions is None
+
+
+@pytest.mark.parametrize("mode", ["block", "full"])
+def test_eager_equals_sdpa(mode):
+    model = attnres_model(mode, query_std=0.3)
+    ids = random_ids()
+    model.set_attn_implementation("eager")
+    eager = model(ids).logits
+    model.set_attn_implementation("sdpa")
+    assert_close(model(ids).logits, eager, "fp32", f"{mode} sdpa vs eager")
+
+
+# --- cache, generation, padding --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2-sliding"])
+@pytest.mark.parametrize("mode", ["block", "full"])
+def test_incremental_decoding_equals_full_forward(family, mode):
+    _, model = family_pair(family, mode)
+    randomize_(model, query_std=0.3)
+    ids = random_ids(seq=SEQ + 4)
+    full = model(ids).logits
+    prompt = 5
+    output = model(ids[:, :prompt], use_cache=True)
+    steps = [output.logits]
+    for position in range(prompt, ids.shape[1]):
+        output = model(ids[:, position : position + 1], past_key_values=output.past_key_values, use_cache=True)
+        steps.append(output.logits)
+    assert_close(torch.cat(steps, dim=1), full, "fp32", f"{mode} {family} cached decoding vs full forward")
+
+
+@pytest.mark.parametrize("mode", ["block", "full", "standard"])
+def test_greedy_generate_with_and_without_cache_agree(mode):
+    model = attnres_model(mode, query_std=0.3)
+    prompt = random_ids(batch=1, seq=6)
+    kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
+    cached = model.generate(prompt, use_cache=True, **kwargs)
+    uncached = model.generate(prompt, use_cache=False, **kwargs)
+    assert cached.shape == (1, 16)
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("mode", ["block", "full"])
+def test_left_padded_batch_equals_unpadded_sequences(mode):
+    model = attnres_model(mode, query_std=0.3)
+    lengths = [9, 5]
+    sequences = [random_ids(batch=1, seq=n, seed=n)[0] for n in lengths]
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq) :] = seq
+        mask[row, width - len(seq) :] = 1
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    padded = model(ids, attention_mask=mask, position_ids=position_ids).logits
+    for row, seq in enumerate(sequences):
+        single = model(seq[None]).logits[0]
+        assert_close(padded[row, width - len(seq) :], single, "fp32", f"{mode} left-padded row {row}")
+
+    generated = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    for row, seq in enumerate(sequences):
+        single = model.generate(seq[None], max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(generated[row, width:], single[0, len(seq) :]), f"row {row}"
+
+
+# --- training: gradients, checkpointing ------------------------------------------------------------------------------
+
+
+def _gradients(model: AttnResForCausalLM, ids: torch.Tensor) -> dict[str, torch.Tensor | None]:
+    model.zero_grad(set_to_none=True)
+    model(ids, labels=ids).loss.backward()
+    return {name: None if p.grad is None else p.grad.clone() for name, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("mode", ["block", "full"])
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_gives_the_same_gradients(mode, use_reentrant):
+    model = attnres_model(mode, query_std=0.3).train()
+    ids = random_ids()
+    expected = _gradients(model, ids)
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    attention_calls = []
+    model.model.layers[1].self_attn.register_forward_pre_hook(lambda *_: attention_calls.append(1))
+    actual = _gradients(model, ids)
+    assert len(attention_calls) == 2, "the backward pass did not recompute the checkpointed layer"
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert (expected[name] is None) == (actual[name] is None), name
+        if expected[name] is not None:
+            assert_close(actual[name], expected[name], "exact", f"{mode} grad {name} (reentrant={use_reentrant})")
+
+
+@pytest.mark.parametrize("mode", ["block", "full"])
+def test_pseudo_queries_receive_gradients_from_zero_init(mode):
+    model = randomize_(AttnResForCausalLM(tiny_config(mode))).train()  # queries stay at their zero init
+    grads = _gradients(model, random_ids())
+    queries = {name: grad for name, grad in grads.items() if name.endswith("_res_proj.weight")}
+    # Layer 0's attention reads a single source (the embedding): its weight is exactly 1 and its query gets no
+    # gradient, by construction (as in Kimi K3). Every other query learns from step 0.
+    assert queries.pop("model.layers.0.self_attention_res_proj.weight") is None
+    assert all(grad is not None and grad.abs().max() > 0 for grad in queries.values()), queries.keys()
+    # With w = 0 the logits w·(γ ⊙ k̂) do not depend on the key-norm weight γ yet: zero gradient, as expected.
+    key_norms = [grad for name, grad in grads.items() if name.endswith("_res_norm.weight") and grad is not None]
+    assert key_norms and all(grad.abs().max() == 0 for grad in key_norms)
+
+
+# --- dtype, embeddings, loading -------------------------------------------------------------------------------------
+
+
+def test_bf16_model_keeps_depth_softmax_in_fp32():
+    model = attnres_model("block", query_std=0.3)
+    ids = random_ids()
+    expected = model(ids).logits
+    model = model.to(torch.bfloat16)
+    output = model(ids, output_depth_attentions=True)
+    assert output.logits.dtype == torch.bfloat16
+    assert all(w.dtype == torch.float32 for w in output.depth_attentions)
+    for w in output.depth_attentions:
+        assert_close(w.sum(-1), torch.ones_like(w.sum(-1)), "fp32", "bf16 depth weights sum")
+    relative_error = ((output.logits.float() - expected).norm() / expected.norm()).item()
+    print(f"[relative-error] bf16 vs fp32 logits: {relative_error:.3g}")
+    assert relative_error < TOLERANCES["bf16_relative"]
+
+
+def test_tied_embeddings_and_resize():
+    model = AttnResForCausalLM(tiny_config(tie_word_embeddings=True))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.resize_token_embeddings(120)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert model(random_ids()).logits.shape == (2, SEQ, 120)
+    untied = AttnResForCausalLM(tiny_config())
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+
+
+def test_output_attentions_and_tuple_outputs():
+    model = attnres_model("block", attn_implementation="eager")
+    output = model(random_ids(), output_attentions=True)
+    assert len(output.attentions) == 5 and output.attentions[0].shape == (2, 4, SEQ, SEQ)
+    as_tuple = model(random_ids(), return_dict=False)
+    assert torch.equal(as_tuple[0], output.logits)
+
+
+def test_save_and_load_round_trip_is_bit_exact(tmp_path):
+    model = attnres_model("block", query_std=0.3)
+    ids = random_ids()
+    model.save_pretrained(tmp_path)
+    reloaded = AttnResForCausalLM.from_pretrained(tmp_path).eval()
+    for (name, expected), (_, actual) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+        assert torch.equal(expected, actual), name
+    assert_close(reloaded(ids).logits, model(ids).logits, "exact", "save/load logits")
+    assert type(AutoModelForCausalLM.from_pretrained(tmp_path)) is AttnResForCausalLM  # `import attnres` registers
+
+
+def test_prenorm_checkpoint_loads_with_only_attnres_keys_missing_and_zero_queries(tmp_path):
+    reference, _ = family_pair("llama")
+    reference.save_pretrained(tmp_path)
+    config = tiny_config("block")
+    model, info = AttnResForCausalLM.from_pretrained(tmp_path, config=config, output_loading_info=True)
+    assert set(info["missing_keys"]) == attnres_parameter_names(model)
+    assert not info["unexpected_keys"] and not info["mismatched_keys"]
+    for name, param in model.named_parameters():
+        if name.endswith("_res_proj.weight"):
+            assert torch.equal(param, torch.zeros_like(param)), name
+        elif name.endswith("_res_norm.weight"):
+            assert torch.equal(param, torch.ones_like(param)), name
+    ids = random_ids()
+    assert_close(model.eval()(ids).logits, reference(ids).logits, "fp32", "llama checkpoint grafted by from_pretrained")
+
+
+def test_device_map_auto_with_disk_offload_matches(tmp_path):
+    """A memory budget too small for the model makes accelerate offload decoder layers to disk and stream them in
+    through module hooks, which only fire on module calls: every AttnRes parameter must be read through one."""
+    model = attnres_model("block", query_std=0.3)
+    model.save_pretrained(tmp_path / "model")
+    offloaded = AttnResForCausalLM.from_pretrained(
+        tmp_path / "model", device_map="auto", max_memory={"cpu": "60KB"}, offload_folder=tmp_path / "offload"
+    )
+    assert "disk" in set(offloaded.hf_device_map.values())
+    ids = random_ids()
+    assert_close(offloaded(ids).logits, model(ids).logits, "exact", "disk-offloaded vs in-memory logits")
+
+
+def test_standard_checkpoint_loads_into_every_mode(tmp_path):
+    standard = attnres_model("standard")
+    standard.save_pretrained(tmp_path)
+    for mode in ("block", "full"):
+        config = AttnResConfig.from_pretrained(tmp_path, residual_mode=mode)
+        model, info = AttnResForCausalLM.from_pretrained(tmp_path, config=config, output_loading_info=True)
+        assert set(info["missing_keys"]) == attnres_parameter_names(model) != set()
+        assert not info["unexpected_keys"]
+    copy.deepcopy(standard)  # modules hold no per-forward state

@@ -1,0 +1,120 @@
+"""Tiny models for the tests: AttnRes configs and their transformers twins (Llama, Qwen2, Qwen3, Mistral).
+
+Each family is described once, as the kwargs its transformers config takes and the AttnResConfig kwargs that describe
+the same architecture, so the "standard mode == transformers" tests compare like with like.
+"""
+
+import torch
+from torch import nn
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from attnres import AttnResConfig, AttnResForCausalLM
+
+
+# Hidden 32, 5 layers: with blocks of 2 layers the partition is [0-1], [2-3], [4] (the last block is shorter).
+COMMON = dict(
+    vocab_size=99,
+    hidden_size=32,
+    intermediate_size=37,
+    num_hidden_layers=5,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}, {}),
+    "llama3-rope-tied": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        dict(
+            tie_word_embeddings=True,
+            attention_bias=True,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+        dict(
+            tie_word_embeddings=True,
+            attention_bias=True,
+            rope_parameters={
+                "rope_type": "llama3",
+                "rope_theta": 500000.0,
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+            },
+        ),
+    ),
+    "qwen2-sliding": (
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        dict(use_sliding_window=True, sliding_window=4, max_window_layers=2),
+        dict(qkv_bias=True, sliding_window=4, layer_types=["full_attention"] * 2 + ["sliding_attention"] * 3),
+    ),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(head_dim=16), dict(head_dim=16, qk_norm=True)),
+    "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=4), dict(sliding_window=4)),
+}
+
+
+def tiny_config(residual_mode: str = "block", **overrides) -> AttnResConfig:
+    kwargs = dict(COMMON, residual_mode=residual_mode)
+    if residual_mode == "block" and "attn_res_num_blocks" not in overrides:
+        kwargs["attn_res_block_size"] = 2
+    kwargs.update(overrides)
+    return AttnResConfig(**kwargs)
+
+
+@torch.no_grad()
+def randomize_(model: nn.Module, seed: int = 0, query_std: float | None = None) -> nn.Module:
+    """Give every parameter a value that makes differences visible: projections with O(1) outputs, norm and key-norm
+    weights around 1, small embeddings (as real checkpoints have, which is where RMSNorm's eps matters). Pseudo-queries
+    stay zero unless `query_std` is given."""
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if name.endswith("_res_proj.weight"):
+            if query_std is not None:
+                param.copy_(torch.randn(param.shape, generator=generator) * query_std)
+        elif "norm" in name:
+            param.copy_(0.5 + torch.rand(param.shape, generator=generator))
+        elif "embed_tokens" in name:
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+        elif name.endswith("bias"):
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+        else:
+            param.copy_(torch.randn(param.shape, generator=generator) / param.shape[-1] ** 0.5)
+    return model
+
+
+def family_pair(family: str, residual_mode: str = "standard", **attnres_overrides):
+    """A randomly initialised transformers model of `family` and an AttnRes model of the same architecture holding
+    the same weights (AttnRes parameters, if any, at their zero init). Both in eval mode, fp32."""
+    config_class, model_class, hf_kwargs, attnres_kwargs = FAMILIES[family]
+    reference = randomize_(model_class(config_class(**COMMON, **hf_kwargs))).eval()
+    model = AttnResForCausalLM(tiny_config(residual_mode, **attnres_kwargs, **attnres_overrides)).eval()
+    result = model.load_state_dict(reference.state_dict(), strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    assert all("_res_" in key for key in result.missing_keys), result.missing_keys
+    return reference, model
+
+
+def attnres_parameter_names(model: nn.Module) -> set[str]:
+    return {name for name, _ in model.named_parameters() if "_res_" in name}
