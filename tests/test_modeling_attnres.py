@@ -123,13 +123,15 @@ def test_standard_mode_returns_no_depth_attentions():
 
 
 @pytest.mark.parametrize("mode", ["block", "full"])
-def test_eager_equals_sdpa(mode):
+@pytest.mark.parametrize("implementation", ["sdpa", "flex_attention"])
+@torch.no_grad()  # flex attention has no CPU backward
+def test_attention_implementations_agree(mode, implementation):
     model = attnres_model(mode, query_std=0.3)
     ids = random_ids()
     model.set_attn_implementation("eager")
     eager = model(ids).logits
-    model.set_attn_implementation("sdpa")
-    assert_close(model(ids).logits, eager, "fp32", f"{mode} sdpa vs eager")
+    model.set_attn_implementation(implementation)
+    assert_close(model(ids).logits, eager, "fp32", f"{mode} {implementation} vs eager")
 
 
 # --- cache, generation, padding --------------------------------------------------------------------------------------
@@ -229,19 +231,20 @@ def test_pseudo_queries_receive_gradients_from_zero_init(mode):
 # --- dtype, embeddings, loading -------------------------------------------------------------------------------------
 
 
-def test_bf16_model_keeps_depth_softmax_in_fp32():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_model_keeps_depth_softmax_in_fp32(dtype):
     model = attnres_model("block", query_std=0.3)
     ids = random_ids()
     expected = model(ids).logits
-    model = model.to(torch.bfloat16)
+    model = model.to(dtype)
     output = model(ids, output_depth_attentions=True)
-    assert output.logits.dtype == torch.bfloat16
+    assert output.logits.dtype == dtype
     assert all(w.dtype == torch.float32 for w in output.depth_attentions)
     for w in output.depth_attentions:
-        assert_close(w.sum(-1), torch.ones_like(w.sum(-1)), "fp32", "bf16 depth weights sum")
+        assert_close(w.sum(-1), torch.ones_like(w.sum(-1)), "fp32", f"{dtype} depth weights sum")
     relative_error = ((output.logits.float() - expected).norm() / expected.norm()).item()
-    print(f"[relative-error] bf16 vs fp32 logits: {relative_error:.3g}")
-    assert relative_error < TOLERANCES["bf16_relative"]
+    print(f"[relative-error] {dtype} vs fp32 logits: {relative_error:.3g}")
+    assert relative_error < TOLERANCES["half_relative"]
 
 
 def test_tied_embeddings_and_resize():
