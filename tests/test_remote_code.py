@@ -18,7 +18,7 @@ REMOTE_CODE_FILES = ("configuration_attnres.py", "modeling_attnres.py")
 
 def test_remote_code_files_import_only_torch_transformers_and_each_other():
     package_dir = Path(attnres.__file__).parent
-    allowed_roots = {"collections", "dataclasses", "math", "torch", "transformers", "huggingface_hub"}
+    allowed_roots = {"collections", "dataclasses", "math", "re", "torch", "transformers", "huggingface_hub"}
     for filename in REMOTE_CODE_FILES:
         tree = ast.parse((package_dir / filename).read_text())
         for node in ast.walk(tree):
@@ -40,20 +40,40 @@ sys.modules["attnres"] = None  # the package must not be importable: everything 
 import torch
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
-path, ids_path, out_path = sys.argv[1:]
-ids = torch.load(ids_path)
-config = AutoConfig.from_pretrained(path, trust_remote_code=True)
-base = AutoModel.from_pretrained(path, trust_remote_code=True)
-model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
-with torch.no_grad():
-    logits = model(ids).logits
-generated = model.generate(ids[:1, :4], max_new_tokens=5, do_sample=False, pad_token_id=0)
-torch.save({"logits": logits, "generated": generated}, out_path)
-print(json.dumps({
-    "config": type(config).__module__, "base": type(base).__name__, "model": type(model).__module__,
-    "attnres_imported": any(name == "attnres" or name.startswith("attnres.") for name, module in sys.modules.items() if module is not None),
-}))
+ids = torch.load(sys.argv[1])
+reports = []
+for path, out_path in zip(sys.argv[2::2], sys.argv[3::2]):
+    config = AutoConfig.from_pretrained(path, trust_remote_code=True)
+    base = AutoModel.from_pretrained(path, trust_remote_code=True)
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+    with torch.no_grad():
+        logits = model(ids).logits
+    generated = model.generate(ids[:1, :4], max_new_tokens=5, do_sample=False, pad_token_id=0)
+    torch.save({"logits": logits, "generated": generated}, out_path)
+    reports.append({
+        "config": type(config).__module__, "base": type(base).__name__, "model": type(model).__module__,
+        "attnres_imported": any(n == "attnres" or n.startswith("attnres.") for n, m in sys.modules.items() if m is not None),
+    })
+print(json.dumps(reports))
 """
+
+
+def load_as_remote_code(checkpoints: list[Path], ids: torch.Tensor, work_dir: Path) -> tuple[list[dict], list[dict]]:
+    """Load each checkpoint with trust_remote_code in one fresh Python process where `attnres` cannot be imported and
+    whose working directory is not the repository; returns its logits/generations on `ids` and what it loaded."""
+    torch.save(ids, work_dir / "ids.pt")
+    outputs = [work_dir / f"remote-{i}.pt" for i in range(len(checkpoints))]
+    pairs = [str(item) for pair in zip(checkpoints, outputs) for item in pair]
+    result = subprocess.run(
+        [sys.executable, "-c", LOADER, str(work_dir / "ids.pt"), *pairs],
+        cwd=work_dir,
+        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(work_dir / "hf_home"), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [torch.load(path) for path in outputs], json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def test_remote_code_load_in_a_clean_process(tmp_path):
@@ -69,22 +89,10 @@ def test_remote_code_load_in_a_clean_process(tmp_path):
     }
 
     ids = torch.randint(3, 99, (2, 10))
-    torch.save(ids, tmp_path / "ids.pt")
-    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "PATH": "/usr/bin:/bin"}
-    result = subprocess.run(
-        [sys.executable, "-c", LOADER, str(checkpoint), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
-        cwd=tmp_path,  # not the repository: a forgotten relative import cannot be satisfied from the source tree
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    report = json.loads(result.stdout.strip().splitlines()[-1])
+    [remote], [report] = load_as_remote_code([checkpoint], ids, tmp_path)
     assert report["config"].startswith("transformers_modules.") and report["model"].startswith("transformers_modules.")
     assert report["base"] == "AttnResModel" and not report["attnres_imported"]
 
-    remote = torch.load(tmp_path / "out.pt")
     with torch.no_grad():
         expected = model(ids).logits
     assert torch.equal(remote["logits"], expected), (remote["logits"] - expected).abs().max()

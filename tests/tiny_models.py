@@ -117,4 +117,28 @@ def family_pair(family: str, residual_mode: str = "standard", **attnres_override
 
 
 def attnres_parameter_names(model: nn.Module) -> set[str]:
-    return {name for name, _ in model.named_parameters() if "_res_" in name}
+    return set(model.attn_res_parameters())
+
+
+WORDS = (
+    "the a of to in is and it that for on with as was he she they we you def return if else for while class import "
+    "from print self none true false one two three four five six seven eight nine ten cat dog house tree river "
+    "mountain city road car train plane boat red green blue yellow black white big small old new good bad fast slow "
+    "hot cold up down left right day night sun moon star sky sea fish bird horse cow sheep apple bread milk"
+).split()
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer with exactly COMMON["vocab_size"] tokens and a chat template, built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>", "<unk>"]
+    vocab = {token: i for i, token in enumerate(specials + WORDS[: COMMON["vocab_size"] - len(specials)])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+    tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    return tokenizer

@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from pathlib import Path
 logger = logging.getLogger("attnres")
 
 EPILOG = """examples:
+  attnres convert meta-llama/Llama-3.2-1B llama-1b-attnres --num-blocks 8 --verify
+  attnres convert ./my-qwen3 ./my-qwen3-attnres --block-size 4 --dtype bfloat16
   attnres inspect examples/attnres-llama-1b          # a local checkpoint or config directory
   attnres inspect path/to/config.json --json         # machine-readable
   attnres inspect my-org/my-attnres-model            # a Hub id (online)
@@ -55,6 +58,34 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_convert(args: argparse.Namespace) -> int:
+    from .convert import graft, verify_graft
+
+    destination = graft(
+        args.source,
+        args.destination,
+        mode=args.mode,
+        num_blocks=args.num_blocks,
+        block_size=args.block_size,
+        dtype=args.dtype,
+        force=args.force,
+        allow_pickle=args.allow_pickle,
+        revision=args.revision,
+        progress=args.progress,
+        command=args.command_line,
+    )
+    print(f"wrote {destination}")
+    if args.verify:
+        report = verify_graft(args.source, destination)
+        print(
+            f"verify: max |logit difference| {report['max_abs_logit_diff']:.3g} over {report['tokens']} tokens (fp32); "
+            f"greedy continuation {'identical' if report['greedy_identical'] else 'DIFFERENT'}"
+        )
+        if not report["greedy_identical"]:
+            return 1
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attnres",
@@ -64,6 +95,31 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    convert = commands.add_parser(
+        "convert",
+        help="graft AttnRes onto a PreNorm checkpoint (Llama, Mistral, Qwen2, Qwen3)",
+        description="Graft AttnRes onto a PreNorm causal LM. The result loads with "
+        "AutoModelForCausalLM.from_pretrained(DST, trust_remote_code=True) and computes the source's function "
+        "exactly until it is trained (all pseudo-queries start at zero).",
+    )
+    convert.add_argument("source", metavar="SRC", help="checkpoint directory or Hub id")
+    convert.add_argument("destination", metavar="DST", help="directory to write (must not exist or be empty)")
+    convert.add_argument("--mode", choices=["block", "full"], default="block", help="Block or Full AttnRes")
+    partition = convert.add_mutually_exclusive_group()
+    partition.add_argument("--num-blocks", type=int, help="the paper's N (default 8, at most the number of layers)")
+    partition.add_argument("--block-size", type=int, help="decoder layers per block (Kimi K3's attn_res_block_size)")
+    convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="convert weights (default: keep)")
+    convert.add_argument("--force", action="store_true", help="replace DST if it exists")
+    convert.add_argument(
+        "--allow-pickle", action="store_true", help="read pytorch_model*.bin (unpickling runs code: trusted files only)"
+    )
+    convert.add_argument("--revision", help="Hub revision (branch, tag or commit) of SRC")
+    convert.add_argument(
+        "--verify", action="store_true", help="then load both models in fp32 and compare logits and greedy outputs"
+    )
+    convert.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
+    convert.set_defaults(handler=run_convert)
 
     inspect = commands.add_parser(
         "inspect",
@@ -78,11 +134,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["attnres", *argv])
     logging.basicConfig(level=os.environ.get("ATTNRES_LOG_LEVEL", "WARNING").upper(), format="%(message)s")
     try:
         return args.handler(args)
-    except UserError as error:
+    except (UserError, ValueError, OSError) as error:
         if args.debug:
             raise
         print(f"attnres: error: {error}", file=sys.stderr)

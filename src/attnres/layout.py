@@ -38,15 +38,14 @@ def describe(config: AttnResConfig) -> ModelLayout:
     """Lay out `config` without allocating weights: the model is built on the meta device to count parameters."""
     with torch.device("meta"):
         model = AttnResForCausalLM(config)
-    parameters = dict(model.named_parameters())
     return ModelLayout(
         residual_mode=config.residual_mode,
         num_hidden_layers=config.num_hidden_layers,
         hidden_size=config.hidden_size,
         attn_res_block_size=config.attn_res_block_size,
         attn_res_num_blocks=config.attn_res_num_blocks,
-        total_parameters=sum(p.numel() for p in parameters.values()),
-        attnres_parameters=sum(p.numel() for name, p in parameters.items() if "_res_" in name),
+        total_parameters=sum(p.numel() for p in model.parameters()),
+        attnres_parameters=sum(p.numel() for p in model.attn_res_parameters().values()),
         depth_sources=list(zip(aggregation_names(config.num_hidden_layers), config.depth_sources())),
     )
 

@@ -16,6 +16,7 @@
 # limitations under the License.
 """PyTorch AttnRes model: a Llama-family decoder with Attention Residuals (shipped as remote code)."""
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,6 +46,9 @@ require_version(
 )
 
 logger = logging.get_logger(__name__)
+
+# Kimi K3's names for the AttnRes tensors: per layer `self_attention_res_*` and `mlp_res_*`, and `output_attn_res_*`.
+ATTN_RES_PARAMETER = re.compile(r"(self_attention|mlp|output_attn)_res_(proj|norm)\.weight$")
 
 
 class AttnResRMSNorm(nn.Module):
@@ -388,6 +392,11 @@ class AttnResPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_record_outputs = {"attentions": AttnResAttention}
+
+    def attn_res_parameters(self) -> dict[str, nn.Parameter]:
+        """The AttnRes parameters by name: the pseudo-query (`*_res_proj`) and key norm (`*_res_norm`) of every
+        sublayer and of the output. They are what a PreNorm checkpoint lacks, and what healing a graft trains."""
+        return {name: param for name, param in self.named_parameters() if ATTN_RES_PARAMETER.search(name)}
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)

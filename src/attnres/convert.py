@@ -1,0 +1,469 @@
+# Copyright 2026 The attnres authors. Licensed under the Apache License, Version 2.0.
+"""Graft AttnRes onto a PreNorm checkpoint (`attnres convert`).
+
+The grafted checkpoint holds the source's tensors unchanged (AttnRes keeps Llama's parameter names) plus one small
+shard with the AttnRes parameters at their zero-query initialisation, which makes the new model compute the source's
+function exactly (see `AttnResModel`). So the converter mostly copies bytes: source shards are validated from their
+safetensors headers and copied as files, never loaded, unless a tensor must change (`--dtype`, pickled input, stray
+rotary buffers), in which case one shard at a time is rewritten. Everything is written to a temporary directory next
+to the destination, which replaces the destination only once complete.
+"""
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.dynamic_module_utils import custom_object_save
+
+from .configuration_attnres import AttnResConfig
+from .families import SUPPORTED_FAMILIES, attnres_config_kwargs, unsupported_message
+from .model_card import render_model_card, source_license
+from .modeling_attnres import AttnResForCausalLM
+
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
+               "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+# Files that travel with the weights: the tokenizer, its chat template, generation defaults and license terms.
+CARRIED_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+CARRIED_PATTERNS = ("LICENSE*", "NOTICE*", "USE_POLICY*")
+# Buffers some old Llama checkpoints saved although they are recomputed from the config: dropped, never an error.
+DROPPABLE_SUFFIXES = (".rotary_emb.inv_freq",)
+COPY_CHUNK_BYTES = 256 * 2**20
+VERIFY_TEXT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    if n < 2:\n        return n\n"
+
+
+class ConversionError(ValueError):
+    """The source, the destination or the options cannot be converted: the message says why and what to do."""
+
+
+@dataclass
+class SourceShard:
+    """One weights file of the source, described by its header (nothing is loaded)."""
+
+    path: Path
+    tensors: dict[str, tuple[str, list[int]]]  # name -> (safetensors dtype, shape)
+    pickled: bool = False
+    dropped: list[str] = field(default_factory=list)
+
+
+def graft(
+    source: str | os.PathLike,
+    destination: str | os.PathLike,
+    *,
+    mode: str = "block",
+    num_blocks: int | None = None,
+    block_size: int | None = None,
+    dtype: str | None = None,
+    force: bool = False,
+    allow_pickle: bool = False,
+    revision: str | None = None,
+    progress: bool = True,
+    command: str | None = None,
+) -> Path:
+    """Write an AttnRes checkpoint grafted onto the PreNorm causal LM `source` to `destination`.
+
+    Args:
+        source: a local checkpoint directory or a Hub id (Llama, Mistral, Qwen2 or Qwen3 family).
+        destination: the directory to create. An existing non-empty one is refused unless `force`.
+        mode: `"block"` (Block AttnRes) or `"full"` (Full AttnRes).
+        num_blocks / block_size: the block partition (the paper's N, or decoder layers per block); default N = 8.
+        dtype: `"float32"`, `"bfloat16"` or `"float16"` to convert the weights; default keeps the source's.
+        allow_pickle: read `pytorch_model*.bin` weights (unpickling runs code from the file: only for trusted sources).
+        revision: the Hub revision to download.
+        progress: show a progress bar.
+        command: how the conversion was invoked, for the model card.
+
+    Returns:
+        The destination directory. `AutoModelForCausalLM.from_pretrained(destination, trust_remote_code=True)`
+        loads it and computes the source model's function.
+    """
+    if mode not in ("block", "full"):
+        raise ConversionError(f"--mode must be 'block' or 'full', got {mode!r}")
+    if num_blocks is not None and block_size is not None:
+        raise ConversionError("give --num-blocks or --block-size, not both")
+    if dtype is not None and dtype not in DTYPES:
+        raise ConversionError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    destination = Path(destination).absolute()
+    source_dir = resolve_source(source, revision=revision, allow_pickle=allow_pickle)
+    check_destination(source_dir, destination, force=force)
+
+    source_config = read_source_config(source_dir)
+    config = build_config(source_config, mode=mode, num_blocks=num_blocks, block_size=block_size)
+    shards = read_source_shards(source_dir, allow_pickle=allow_pickle)
+    with torch.device("meta"):
+        model = AttnResForCausalLM(config)
+    target_dtype = DTYPES[dtype] if dtype else source_dtype(source_config, shards)
+    config.dtype = target_dtype
+    config.architectures = [AttnResForCausalLM.__name__]
+    check_tensors_match(model, shards, tie_word_embeddings=config.tie_word_embeddings)
+
+    created_root = first_missing_ancestor(destination.parent)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    work_dir = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
+    try:
+        write_weights(model, shards, work_dir, target_dtype=target_dtype if dtype else None, progress=progress)
+        config.save_pretrained(work_dir)
+        custom_object_save(model, work_dir, config=config)  # ships modeling_attnres.py (remote code)
+        carry_files(source_dir, work_dir)
+        card = render_model_card(
+            config,
+            base_model=str(source),
+            base_model_is_hub_id=not Path(source).exists(),
+            license_fields=source_license(source_dir),
+            command=command or f"attnres convert {source} {destination.name} --mode {mode}",
+            dtype=str(target_dtype).removeprefix("torch."),
+        )
+        (work_dir / "README.md").write_text(card)
+        replace_directory(work_dir, destination)
+    except BaseException:
+        shutil.rmtree(work_dir, ignore_errors=True)
+        if created_root is not None:
+            shutil.rmtree(created_root, ignore_errors=True)
+        raise
+    return destination
+
+
+# --- the source ------------------------------------------------------------------------------------------------------
+
+
+def resolve_source(source: str | os.PathLike, *, revision: str | None, allow_pickle: bool) -> Path:
+    """A local directory as is; anything else is taken as a Hub id and downloaded (config, tokenizer, weights)."""
+    path = Path(source)
+    if path.is_dir():
+        return path.absolute()
+    if path.exists():
+        raise ConversionError(f"SRC {str(source)!r} is a file; give the checkpoint directory (or a Hub id)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja", "README.md", *CARRIED_PATTERNS]
+    if allow_pickle:
+        patterns.append("*.bin")
+    try:
+        return Path(snapshot_download(str(source), revision=revision, allow_patterns=patterns))
+    except HFValidationError:
+        raise ConversionError(f"SRC {str(source)!r} does not exist and is not a valid Hub id") from None
+    except Exception as error:  # offline, 404, gated, ...: the Hub's message says which
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConversionError(f"SRC {str(source)!r} is not a local directory and could not be downloaded from the Hub: {first_line}") from None
+
+
+def read_source_config(source_dir: Path):
+    config_file = source_dir / "config.json"
+    if not config_file.is_file():
+        raise ConversionError(f"SRC {str(source_dir)!r} has no config.json: is it a transformers checkpoint?")
+    try:
+        model_type = json.loads(config_file.read_text()).get("model_type")
+    except json.JSONDecodeError as error:
+        raise ConversionError(f"{config_file} is not valid JSON: {error}") from None
+    if model_type not in SUPPORTED_FAMILIES:
+        raise ConversionError(unsupported_message(model_type))
+    return AutoConfig.from_pretrained(source_dir)
+
+
+def build_config(source_config, *, mode: str, num_blocks: int | None, block_size: int | None) -> AttnResConfig:
+    from huggingface_hub.errors import StrictDataclassError
+
+    layers = source_config.num_hidden_layers
+    for flag, value in (("--num-blocks", num_blocks), ("--block-size", block_size)):
+        if value is not None and not 1 <= value <= layers:
+            raise ConversionError(f"{flag} must be between 1 and the source's number of layers ({layers}), got {value}")
+    try:
+        return AttnResConfig(
+            **attnres_config_kwargs(source_config),
+            residual_mode=mode,
+            attn_res_num_blocks=num_blocks,
+            attn_res_block_size=block_size,
+        )
+    except StrictDataclassError as error:
+        raise ConversionError(" ".join(line.strip() for line in str(error).splitlines())) from None
+
+
+def read_source_shards(source_dir: Path, *, allow_pickle: bool) -> list[SourceShard]:
+    """The source's weight files with their tensor names, dtypes and shapes, validated from the headers."""
+    index = source_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as error:
+            raise ConversionError(f"{index} is not a valid safetensors index ({error})") from None
+        files = sorted(set(weight_map.values()))
+    elif (source_dir / "model.safetensors").is_file():
+        weight_map, files = None, ["model.safetensors"]
+    else:
+        pickled = sorted(source_dir.glob("pytorch_model*.bin"))
+        if not pickled:
+            raise ConversionError(
+                f"SRC {str(source_dir)!r} has no weights: expected model.safetensors or model.safetensors.index.json"
+            )
+        if not allow_pickle:
+            raise ConversionError(
+                f"SRC {str(source_dir)!r} has only pickled weights ({pickled[0].name}); unpickling can run code from "
+                "the file. Pass --allow-pickle if you trust it, or convert it to safetensors first."
+            )
+        return [read_pickled_shard(path) for path in pickled]
+
+    shards = []
+    for name in files:
+        path = source_dir / name
+        if not path.is_file():
+            raise ConversionError(f"the safetensors index lists {name}, which is missing from {source_dir}")
+        try:
+            with safe_open(path, framework="pt") as reader:
+                tensors = {key: (reader.get_slice(key).get_dtype(), reader.get_slice(key).get_shape()) for key in reader.keys()}
+        except SafetensorError as error:
+            raise ConversionError(f"{path} is not a valid safetensors file (corrupt or truncated?): {error}") from None
+        if weight_map is not None:
+            listed = {key for key, file in weight_map.items() if file == name}
+            if listed != set(tensors):
+                raise ConversionError(f"{path.name} does not hold the tensors the index lists for it")
+        shards.append(SourceShard(path=path, tensors=tensors))
+    return shards
+
+
+def read_pickled_shard(path: Path) -> SourceShard:
+    state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    reverse = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+    tensors = {key: (reverse.get(t.dtype, str(t.dtype)), list(t.shape)) for key, t in state_dict.items()}
+    return SourceShard(path=path, tensors=tensors, pickled=True)
+
+
+def source_dtype(source_config, shards: list[SourceShard]) -> torch.dtype:
+    """The dtype the AttnRes parameters are stored in when none is asked for: the embeddings'."""
+    for shard in shards:
+        if "model.embed_tokens.weight" in shard.tensors:
+            return SAFETENSORS_DTYPES.get(shard.tensors["model.embed_tokens.weight"][0], torch.float32)
+    return getattr(source_config, "dtype", None) or torch.float32
+
+
+def check_tensors_match(model: AttnResForCausalLM, shards: list[SourceShard], *, tie_word_embeddings: bool) -> None:
+    """Every tensor the model needs (but the AttnRes ones) is in the source with the right shape, and nothing else is."""
+    expected = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
+    attnres = set(model.attn_res_parameters())
+    found: dict[str, list[int]] = {}
+    for shard in shards:
+        for name, (_, shape) in shard.tensors.items():
+            if name.endswith(DROPPABLE_SUFFIXES):
+                shard.dropped.append(name)
+            else:
+                found[name] = shape
+    unexpected = sorted(set(found) - set(expected))
+    if unexpected:
+        raise ConversionError(
+            f"the source has {len(unexpected)} tensor(s) a {model.config.num_hidden_layers}-layer model of this "
+            f"family does not, e.g. {unexpected[:3]}: does config.json describe these weights?"
+        )
+    optional = attnres | ({"lm_head.weight"} if tie_word_embeddings else set())
+    missing = sorted(set(expected) - set(found) - optional)
+    if missing:
+        raise ConversionError(f"the source lacks {len(missing)} tensor(s) the model needs, e.g. {missing[:3]}")
+    wrong = [f"{name} {found[name]} (expected {expected[name]})" for name in found if found[name] != expected[name]]
+    if wrong:
+        raise ConversionError(f"{len(wrong)} tensor(s) have the wrong shape for config.json, e.g. {wrong[:2]}")
+    present_attnres = attnres & set(found)
+    if present_attnres:
+        raise ConversionError(f"the source already has AttnRes parameters ({sorted(present_attnres)[0]}, ...)")
+
+
+# --- the destination -------------------------------------------------------------------------------------------------
+
+
+def check_destination(source_dir: Path, destination: Path, *, force: bool) -> None:
+    source_dir, resolved = source_dir.resolve(), destination.resolve()
+    if resolved == source_dir or resolved.is_relative_to(source_dir):
+        raise ConversionError(f"DST {str(destination)!r} is inside SRC {str(source_dir)!r}; choose a directory outside it")
+    if source_dir.is_relative_to(resolved):
+        raise ConversionError(f"SRC {str(source_dir)!r} is inside DST {str(destination)!r}; replacing DST would delete it")
+    if destination.exists() and not destination.is_dir():
+        raise ConversionError(f"DST {str(destination)!r} exists and is not a directory")
+    if destination.is_dir() and any(destination.iterdir()) and not force:
+        raise ConversionError(f"DST {str(destination)!r} exists and is not empty; pass --force to replace it")
+
+
+def first_missing_ancestor(path: Path) -> Path | None:
+    """The outermost directory of `path` that does not exist yet (to remove it again if the conversion fails)."""
+    missing = None
+    while not path.exists():
+        missing, path = path, path.parent
+    return missing
+
+
+def replace_directory(new: Path, destination: Path) -> None:
+    """Move `new` to `destination`; an existing destination is only removed once the new one is in place."""
+    backup = None
+    if destination.exists():
+        backup = destination.with_name(f".{destination.name}.replaced-{uuid.uuid4().hex[:8]}")
+        destination.rename(backup)
+    try:
+        new.rename(destination)
+    except BaseException:
+        if backup is not None:
+            backup.rename(destination)
+        raise
+    if backup is not None:
+        shutil.rmtree(backup)
+
+
+# --- writing ---------------------------------------------------------------------------------------------------------
+
+
+def write_weights(
+    model: AttnResForCausalLM,
+    shards: list[SourceShard],
+    work_dir: Path,
+    *,
+    target_dtype: torch.dtype | None,
+    progress: bool,
+) -> None:
+    """The source shards (copied, or rewritten one at a time when a tensor changes), then a last shard with the
+    AttnRes parameters, and the index that maps every tensor to its file, as `save_pretrained` writes them."""
+    count = len(shards) + 1
+    names = [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+    weight_map: dict[str, str] = {}
+    total_size = 0
+    with tqdm(
+        total=sum(shard.path.stat().st_size for shard in shards),
+        unit="B",
+        unit_scale=True,
+        desc="Grafting AttnRes",
+        disable=not progress,
+    ) as bar:
+        for shard, name in zip(shards, names):
+            kept = [key for key in shard.tensors if key not in shard.dropped]
+            if shard.pickled or shard.dropped or needs_cast(shard, target_dtype):
+                total_size += rewrite_shard(shard, work_dir / name, kept, target_dtype)
+                bar.update(shard.path.stat().st_size)
+            else:
+                copy_file(shard.path, work_dir / name, bar)
+                total_size += tensor_bytes(shard)
+            weight_map.update(dict.fromkeys(kept, name))
+
+        attnres = initial_attn_res_tensors(model, target_dtype or model.config.dtype)
+        save_file(attnres, work_dir / names[-1], metadata={"format": "pt"})
+        total_size += sum(t.numel() * t.element_size() for t in attnres.values())
+        weight_map.update(dict.fromkeys(attnres, names[-1]))
+
+    index = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+    (work_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def needs_cast(shard: SourceShard, target_dtype: torch.dtype | None) -> bool:
+    return target_dtype is not None and any(
+        SAFETENSORS_DTYPES.get(dtype) not in (None, target_dtype) for dtype, _ in shard.tensors.values()
+    )
+
+
+def rewrite_shard(shard: SourceShard, path: Path, keys: Iterable[str], target_dtype: torch.dtype | None) -> int:
+    """Load one source shard, cast its floating tensors to `target_dtype`, drop what is not kept, save it."""
+
+    def converted(tensor: torch.Tensor) -> torch.Tensor:
+        if target_dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(target_dtype)
+        return tensor.contiguous()
+
+    # Cast each tensor as it is read, so only the output shard (and one input tensor) is ever in memory.
+    if shard.pickled:
+        state_dict = torch.load(shard.path, map_location="cpu", weights_only=True, mmap=True)
+        tensors = {key: converted(state_dict[key]) for key in keys}
+    else:
+        with safe_open(shard.path, framework="pt") as reader:
+            tensors = {key: converted(reader.get_tensor(key)) for key in keys}
+    save_file(tensors, path, metadata={"format": "pt"})
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def copy_file(source: Path, destination: Path, bar: tqdm) -> None:
+    """Copy bytes kernel-side (copy_file_range, as `cp` does), advancing the progress bar as it goes."""
+    with open(source, "rb") as reader, open(destination, "wb") as writer:
+        try:
+            while copied := os.copy_file_range(reader.fileno(), writer.fileno(), COPY_CHUNK_BYTES):
+                bar.update(copied)
+        except OSError:  # a filesystem without copy_file_range: plain buffered copy from where it stopped
+            writer.seek(reader.tell())
+            while chunk := reader.read(COPY_CHUNK_BYTES):
+                writer.write(chunk)
+                bar.update(len(chunk))
+
+
+def tensor_bytes(shard: SourceShard) -> int:
+    """Bytes of tensor data in a shard, from its header (as the index's `total_size` counts them)."""
+    return sum(DTYPE_BYTES[dtype] * math.prod(shape) for dtype, shape in shard.tensors.values())
+
+
+def initial_attn_res_tensors(model: AttnResForCausalLM, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The AttnRes parameters as the model initialises them (zero pseudo-queries, unit key norms), materialised from
+    the meta device one small module at a time through the model's own `_init_weights`."""
+    tensors = {}
+    parameters = model.attn_res_parameters()
+    for module_name, module in model.named_modules():
+        own = {f"{module_name}.{name}" for name, _ in module.named_parameters(recurse=False)}
+        if own and own <= set(parameters):
+            module.to_empty(device="cpu")
+            model._init_weights(module)
+            for name, param in module.named_parameters(recurse=False):
+                tensors[f"{module_name}.{name}"] = param.detach().to(dtype).contiguous()
+    return tensors
+
+
+def carry_files(source_dir: Path, work_dir: Path) -> None:
+    names = set(CARRIED_FILES)
+    for pattern in CARRIED_PATTERNS:
+        names.update(path.name for path in source_dir.glob(pattern))
+    for name in sorted(names):
+        if (source_dir / name).is_file():
+            shutil.copyfile(source_dir / name, work_dir / name)
+
+
+# --- verification ----------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def verify_graft(
+    source: str | os.PathLike, destination: str | os.PathLike, *, text: str = VERIFY_TEXT, max_new_tokens: int = 16
+) -> dict:
+    """Load the source and the grafted checkpoint in fp32 (both at once: memory for two fp32 models) and compare them on
+    `text`: the largest logit difference and whether greedy decoding produces the same tokens."""
+    source_dir = resolve_source(source, revision=None, allow_pickle=False)
+    destination = Path(destination)
+    if any((destination / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        input_ids = AutoTokenizer.from_pretrained(destination)(text, return_tensors="pt").input_ids
+    else:  # no tokenizer: any token ids make the comparison
+        input_ids = torch.arange(32)[None] % AttnResConfig.from_pretrained(destination).vocab_size
+    base = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval()
+    grafted = AttnResForCausalLM.from_pretrained(destination, dtype=torch.float32).eval()
+    diff = (grafted(input_ids).logits - base(input_ids).logits).abs().max().item()
+    generation = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=base.config.eos_token_id)
+    base_tokens = base.generate(input_ids, **generation)
+    grafted_tokens = grafted.generate(input_ids, **generation)
+    return {
+        "tokens": input_ids.shape[1],
+        "max_abs_logit_diff": diff,
+        "greedy_identical": bool(torch.equal(base_tokens, grafted_tokens)),
+    }

@@ -1,0 +1,68 @@
+# Copyright 2026 The attnres authors. Licensed under the Apache License, Version 2.0.
+"""Model cards for AttnRes checkpoints: rendered from `model_cards/attnres.md` with huggingface_hub's ModelCard."""
+
+from importlib.resources import files
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+
+from . import __version__
+from .configuration_attnres import AttnResConfig
+from .layout import describe
+
+
+TEMPLATE = files("attnres") / "model_cards" / "attnres.md"
+RESULTS_START = "<!-- attnres:results:start -->"
+RESULTS_END = "<!-- attnres:results:end -->"
+
+
+def source_license(source_dir: Path) -> dict:
+    """The license fields of the source's own model card (`license`, `license_name`, `license_link`), if any."""
+    readme = source_dir / "README.md"
+    if not readme.is_file():
+        return {}
+    try:
+        data = ModelCard.load(readme).data.to_dict()
+    except Exception:  # a README without valid front matter tells us nothing about the license
+        return {}
+    return {key: data[key] for key in ("license", "license_name", "license_link") if data.get(key)}
+
+
+def render_model_card(
+    config: AttnResConfig,
+    *,
+    base_model: str,
+    base_model_is_hub_id: bool,
+    license_fields: dict,
+    command: str,
+    dtype: str,
+    repo_id: str = "path/to/this-checkpoint",
+) -> str:
+    layout = describe(config)
+    card_data = ModelCardData(
+        base_model=base_model if base_model_is_hub_id else None,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["attnres", "attention-residuals", "custom_code"],
+        **license_fields,
+    )
+    card = ModelCard.from_template(
+        card_data,
+        template_str=TEMPLATE.read_text(),
+        model_name=f"{Path(base_model).name} + {config.residual_mode.capitalize()} AttnRes",
+        variant=config.residual_mode.capitalize(),
+        base_model=base_model,
+        attnres_version=__version__,
+        residual_mode=config.residual_mode,
+        num_blocks=config.attn_res_num_blocks,
+        block_size=config.attn_res_block_size,
+        num_layers=config.num_hidden_layers,
+        attnres_parameters=f"{layout.attnres_parameters:,}",
+        total_parameters=f"{layout.total_parameters:,}",
+        attnres_percent=f"{100 * layout.attnres_fraction:.3f}%",
+        dtype=dtype,
+        trained="no (grafted, zero-initialised pseudo-queries)",
+        command=command,
+        repo_id=repo_id,
+    )
+    return str(card)

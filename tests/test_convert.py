@@ -1,0 +1,238 @@
+"""`attnres convert`: grafting Block/Full AttnRes onto Llama, Mistral, Qwen2 and Qwen3 checkpoints."""
+
+import hashlib
+import json
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from safetensors import safe_open
+from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
+
+from attnres.cli import main
+from attnres.convert import graft, verify_graft
+from tests.conftest import assert_close
+from tests.test_remote_code import load_as_remote_code
+from tests.tiny_models import FAMILIES, family_pair, tiny_tokenizer
+
+
+CASES = [(family, tied) for family in FAMILIES if family != "llama3-rope-tied" for tied in (False, True)]
+CASES.append(("llama3-rope-tied", True))  # Llama-3 rope scaling
+
+
+def make_source(directory, family: str = "llama", tied: bool = False, **save_kwargs):
+    """A random transformers model of `family` saved with a tokenizer, chat template, license file and model card."""
+    reference, _ = family_pair(family)
+    if tied != reference.config.tie_word_embeddings:
+        reference.config.tie_word_embeddings = tied
+        reference.tie_weights()  # transformers' own tying, so the source is a genuine tied checkpoint
+    reference.save_pretrained(directory, **save_kwargs)
+    tiny_tokenizer().save_pretrained(directory)
+    (directory / "LICENSE").write_text("Test license: do what you want.\n")
+    (directory / "README.md").write_text("---\nlicense: apache-2.0\n---\n# tiny\n")
+    return reference.eval()
+
+
+def ids_for(seed: int = 0) -> torch.Tensor:
+    return torch.randint(3, 99, (2, 12), generator=torch.Generator().manual_seed(seed))
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def grafted(tmp_path_factory):
+    """Every family (tied and untied) converted, then loaded in ONE clean process with trust_remote_code."""
+    root = tmp_path_factory.mktemp("grafts")
+    cases = {}
+    for family, tied in CASES:
+        name = f"{family}-{'tied' if tied else 'untied'}"
+        reference = make_source(root / f"{name}-src", family, tied)
+        graft(root / f"{name}-src", root / f"{name}-dst", num_blocks=2, progress=False)
+        cases[name] = reference
+    ids = ids_for()
+    outputs, reports = load_as_remote_code([root / f"{name}-dst" for name in cases], ids, root)
+    assert not any(report["attnres_imported"] for report in reports)
+    remote = dict(zip(cases, outputs))
+    return root, cases, remote, ids
+
+
+@pytest.mark.parametrize("family, tied", CASES)
+def test_grafted_checkpoint_computes_the_source_model(grafted, family, tied):
+    root, cases, remote, ids = grafted
+    name = f"{family}-{'tied' if tied else 'untied'}"
+    reference = cases[name]
+    with torch.no_grad():
+        expected = reference(ids).logits
+    # Loaded as remote code in a fresh process where `attnres` cannot be imported.
+    assert_close(remote[name]["logits"], expected, "fp32", f"convert {name}: remote-code logits vs source")
+    expected_tokens = reference.generate(ids[:1, :4], max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(remote[name]["generated"], expected_tokens)
+
+
+def test_graft_carries_tokenizer_chat_template_generation_config_and_license(grafted):
+    root, *_ = grafted
+    source, destination = root / "llama-untied-src", root / "llama-untied-dst"
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json", "LICENSE"):
+        assert (destination / name).read_bytes() == (source / name).read_bytes(), name
+    tokenizer = AutoTokenizer.from_pretrained(destination, trust_remote_code=True)
+    assert tokenizer("the cat is on the tree").input_ids == tiny_tokenizer()("the cat is on the tree").input_ids
+    messages = [{"role": "user", "content": "hello"}]
+    assert tokenizer.apply_chat_template(messages, tokenize=False) == "user: hello\n"
+    config = json.loads((destination / "config.json").read_text())
+    assert config["model_type"] == "attnres" and config["architectures"] == ["AttnResForCausalLM"]
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_attnres.AttnResForCausalLM"
+    assert (destination / "modeling_attnres.py").is_file() and (destination / "configuration_attnres.py").is_file()
+
+
+def test_model_card_has_hub_metadata_and_settings(grafted):
+    root, *_ = grafted
+    card = ModelCard.load(root / "qwen3-untied-dst" / "README.md")
+    assert card.data.library_name == "transformers" and card.data.pipeline_tag == "text-generation"
+    assert card.data.license == "apache-2.0"  # carried from the source's card
+    assert {"attnres", "attention-residuals", "custom_code"} <= set(card.data.tags)
+    assert card.data.base_model is None  # a local source is not a Hub id
+    assert "| blocks | 2 blocks of 3 decoder layer(s)" in card.text
+    assert "<!-- attnres:results:start -->" in card.text and "trust_remote_code=True" in card.text
+
+
+def test_sharded_source_is_copied_not_rewritten(tmp_path):
+    reference = make_source(tmp_path / "src", "mistral", max_shard_size="40KB")
+    index = json.loads((tmp_path / "src" / "model.safetensors.index.json").read_text())
+    source_shards = sorted(set(index["weight_map"].values()))
+    assert len(source_shards) > 2
+    graft(tmp_path / "src", tmp_path / "dst", block_size=2, progress=False)
+
+    new_index = json.loads((tmp_path / "dst" / "model.safetensors.index.json").read_text())
+    count = len(source_shards) + 1
+    for i, name in enumerate(source_shards, start=1):  # byte-identical copies, renamed
+        assert sha256(tmp_path / "src" / name) == sha256(tmp_path / "dst" / f"model-{i:05d}-of-{count:05d}.safetensors")
+    with safe_open(tmp_path / "dst" / f"model-{count:05d}-of-{count:05d}.safetensors", "pt") as reader:
+        assert set(reader.keys()) == {key for key, file in new_index["weight_map"].items() if file.endswith(f"{count:05d}-of-{count:05d}.safetensors")}
+        assert all("_res_" in key for key in reader.keys())
+    assert new_index["metadata"]["total_size"] == index["metadata"]["total_size"] + (2 * 5 + 1) * 2 * 32 * 4
+
+    report = verify_graft(tmp_path / "src", tmp_path / "dst")
+    assert report["greedy_identical"] and report["max_abs_logit_diff"] < 1e-5
+    del reference
+
+
+def test_dtype_conversion_rewrites_weights(tmp_path):
+    make_source(tmp_path / "src", "qwen2-sliding")
+    graft(tmp_path / "src", tmp_path / "dst", dtype="bfloat16", progress=False)
+    for shard in (tmp_path / "dst").glob("*.safetensors"):
+        with safe_open(shard, "pt") as reader:
+            assert {reader.get_slice(key).get_dtype() for key in reader.keys()} == {"BF16"}
+    assert json.loads((tmp_path / "dst" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_pickled_source_needs_allow_pickle(tmp_path, capsys):
+    reference = make_source(tmp_path / "src", "llama")
+    # transformers 5 only writes safetensors: make the legacy pickled layout (pytorch_model.bin) by hand.
+    torch.save(reference.state_dict(), tmp_path / "src" / "pytorch_model.bin")
+    (tmp_path / "src" / "model.safetensors").unlink()
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst")]) == 1
+    assert "--allow-pickle" in capsys.readouterr().err and not (tmp_path / "dst").exists()
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--allow-pickle", "--no-progress"]) == 0
+    from attnres import AttnResForCausalLM
+
+    model = AttnResForCausalLM.from_pretrained(tmp_path / "dst").eval()
+    assert_close(model(ids_for()).logits, reference(ids_for()).logits, "fp32", "pickled llama graft")
+
+
+def test_cli_convert_with_verify_and_force(tmp_path, capsys):
+    make_source(tmp_path / "src", "qwen3")
+    (tmp_path / "dst").mkdir()
+    (tmp_path / "dst" / "keep.txt").write_text("mine")
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst")]) == 1
+    assert "not empty; pass --force" in capsys.readouterr().err
+    assert (tmp_path / "dst" / "keep.txt").read_text() == "mine"
+
+    argv = ["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--force", "--mode", "full", "--verify", "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "greedy continuation identical" in out
+    assert not (tmp_path / "dst" / "keep.txt").exists()
+    assert json.loads((tmp_path / "dst" / "config.json").read_text())["residual_mode"] == "full"
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary or backup left
+
+
+def _truncate_weights(src):
+    path = src / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-1000])
+
+
+def _garble_weights(src):
+    (src / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all}")
+
+
+def _drop_config(src):
+    (src / "config.json").unlink()
+
+
+def _remove_a_tensor(src):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(src / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
+
+
+def _wrong_config(src):
+    config = json.loads((src / "config.json").read_text())
+    config["intermediate_size"] = 40
+    (src / "config.json").write_text(json.dumps(config))
+
+
+BAD_SOURCES = {
+    "missing config": (_drop_config, [], "has no config.json"),
+    "truncated safetensors": (_truncate_weights, [], "not a valid safetensors file (corrupt or truncated?)"),
+    "corrupt safetensors": (_garble_weights, [], "not a valid safetensors file"),
+    "tensor missing": (_remove_a_tensor, [], "lacks 1 tensor(s) the model needs"),
+    "config disagrees with weights": (_wrong_config, [], "wrong shape for config.json"),
+    "more blocks than layers": (None, ["--num-blocks", "9"], "--num-blocks must be between 1 and the source's number of layers (5)"),
+    "block size zero": (None, ["--block-size", "0"], "--block-size must be between 1"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SOURCES))
+def test_bad_input_gives_one_line_error_and_leaves_nothing(tmp_path, capsys, case):
+    damage, extra, message = BAD_SOURCES[case]
+    make_source(tmp_path / "src")
+    if damage:
+        damage(tmp_path / "src")
+    destination = tmp_path / "out" / "dst"
+    capsys.readouterr()  # only what the conversion prints
+    assert main(["convert", str(tmp_path / "src"), str(destination), *extra]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("attnres: error: ") and message in err and err.count("\n") == 1, err
+    assert not (tmp_path / "out").exists()  # not even the parent it would have created
+
+
+def test_unsupported_architectures_are_refused_with_the_reason(tmp_path, capsys):
+    OPTForCausalLM(OPTConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, ffn_dim=37, num_attention_heads=4,
+                             max_position_embeddings=64, do_layer_norm_before=False)).save_pretrained(tmp_path / "opt")
+    assert main(["convert", str(tmp_path / "opt"), str(tmp_path / "dst")]) == 1
+    err = capsys.readouterr().err
+    assert "cannot graft AttnRes onto model_type 'opt'" in err and "post-norm" in err
+    assert "Supported: llama, mistral, qwen2, qwen3" in err and not (tmp_path / "dst").exists()
+
+
+def test_destination_inside_source_and_missing_source(tmp_path, capsys):
+    make_source(tmp_path / "src")
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "src" / "grafted")]) == 1
+    assert "is inside SRC" in capsys.readouterr().err
+    assert not (tmp_path / "src" / "grafted").exists()
+    assert main(["convert", str(tmp_path / "nowhere" / "model"), str(tmp_path / "dst")]) == 1
+    assert "does not exist and is not a valid Hub id" in capsys.readouterr().err
+    # A well-formed Hub id while offline (tests run with HF_HUB_OFFLINE=1): the Hub's reason, in one line.
+    assert main(["convert", "some-org/some-model", str(tmp_path / "dst")]) == 1
+    err = capsys.readouterr().err
+    assert "is not a local directory and could not be downloaded from the Hub" in err and err.count("\n") == 1
+    assert not (tmp_path / "dst").exists()
+
+
+def test_block_and_size_flags_are_exclusive(tmp_path):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert", "a", "b", "--num-blocks", "2", "--block-size", "2"])
+    assert exit_info.value.code == 2
