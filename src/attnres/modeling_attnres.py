@@ -238,6 +238,12 @@ class AttnResAttention(nn.Module):
         return attn_output, attn_weights
 
 
+def as_float32(tensor: torch.Tensor) -> torch.Tensor:
+    # A plain `.float()` on an fp32 tensor is a no-op that still costs a dispatch; in decoding, where every tensor
+    # here is one token wide, dispatches are the cost.
+    return tensor if tensor.dtype == torch.float32 else tensor.float()
+
+
 class AttnResPseudoQuery(nn.Module):
     """The learned pseudo-query `w_l ∈ R^d` of one AttnRes aggregation (paper Eq. 2-3).
 
@@ -245,61 +251,141 @@ class AttnResPseudoQuery(nn.Module):
     `*_res_proj.weight` tensors, but it is deliberately not an `nn.Linear`: it is never applied as a projection, and
     PEFT's `target_modules="all-linear"` must not wrap it with a LoRA adapter that the depth attention would ignore.
     It is zero-initialised in `AttnResPreTrainedModel._init_weights` (paper §3: uniform weights at the start).
-    The logits go through `forward` (not `.weight`) so that accelerate's offloading hooks and PEFT's
-    `modules_to_save` wrappers see the call.
+    Parameters are read through module calls (never `.weight` from outside), so that accelerate's offloading hooks
+    and PEFT's `modules_to_save` wrappers see them.
     """
 
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(1, hidden_size))
 
-    def forward(self, keys: torch.Tensor) -> torch.Tensor:
-        """Depth-attention logits `w · k` in fp32: (..., hidden) -> (...)."""
-        return torch.matmul(keys.float(), self.weight.float().squeeze(0))
+    def forward(self) -> torch.Tensor:
+        """The query vector in fp32, `(hidden,)`."""
+        return as_float32(self.weight).squeeze(0)
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.weight.shape[-1]}"
 
 
-def depth_attention(
-    sources: list[torch.Tensor], pseudo_query: AttnResPseudoQuery, key_norm: AttnResRMSNorm
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention over depth (paper Eq. 2-4): `h = Σ_i softmax_i(w · RMSNorm(v_i)) v_i`.
+class AttnResKeyRMSNorm(nn.Module):
+    """The RMSNorm of one aggregation's keys: `k̂ = γ ⊙ v / rms(v)` (paper Eq. 2; Kimi K3's `*_res_norm`).
+
+    The logit `w · (γ ⊙ v / rms(v)) = (w ⊙ γ) · v / rms(v)`, so the learnable scale γ is applied to the query side
+    (`forward`) and the keys are never materialised; `1 / rms(v)` depends on the source only, so it is computed once
+    per source (with `config.rms_norm_eps`) and shared by every aggregation that reads it.
+    """
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+
+    def forward(self, query: torch.Tensor) -> torch.Tensor:
+        """`w ⊙ γ`, the query to dot with RMS-normalised sources, in fp32."""
+        return query * as_float32(self.weight)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}"
+
+
+def inverse_rms(hidden_states: torch.Tensor, eps: float) -> torch.Tensor:
+    """`1 / sqrt(mean(x²) + eps)` over the hidden dimension, in fp32 and in one pass over `x`: (..., hidden) -> (...)."""
+    norm = torch.linalg.vector_norm(hidden_states, dim=-1, dtype=torch.float32)
+    return torch.rsqrt((norm * norm).mul_(1 / hidden_states.shape[-1]).add_(eps))
+
+
+def attend_over_sources(
+    sources: torch.Tensor, sources_inv_rms: torch.Tensor, queries: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Phase 1 of the paper's two-phase computation (§4.2, Algorithm 1): softmax attention of several pseudo-queries
+    over the completed sources at once, returning each query's softmax statistics so the running partial sum can be
+    merged in afterwards. Each source is read twice (logits, then the weighted sum), whatever the number of queries.
 
     Args:
-        sources (`list[torch.Tensor]`): the values `v_i`, each of shape `(batch, seq, hidden)`.
-        pseudo_query (`AttnResPseudoQuery`): the aggregation's pseudo-query `w`.
-        key_norm (`AttnResRMSNorm`): the aggregation's RMSNorm, applied to the keys only; values stay raw.
+        sources (`torch.Tensor` of shape `(num_sources, batch, seq, hidden)`): the completed sources `v_i`.
+        sources_inv_rms (`torch.Tensor` of shape `(num_sources, batch, seq)`): `1 / rms(v_i)`, fp32.
+        queries (`torch.Tensor` of shape `(num_queries, hidden)`): `w ⊙ γ` of each aggregation, fp32.
 
     Returns:
-        The aggregated input, `(batch, seq, hidden)` in the sources' dtype, and the depth-attention weights,
-        `(batch, seq, num_sources)` in fp32. Keys, logits, softmax and the weighted sum run in fp32 whatever the
-        model dtype, and the result is rounded once.
+        `outputs` `(batch, seq, num_queries, hidden)`: `Σ_i softmax_i(logits) v_i` in the sources' dtype;
+        `logsumexp` `(batch, seq, num_queries)` and `logits` `(num_sources, batch, seq, num_queries)`, fp32.
     """
-    if len(sources) == 1:
-        # One source (e.g. layer 0, which sees only the embedding): its weight is exactly 1, the query gets no gradient.
-        return sources[0], sources[0].new_ones(*sources[0].shape[:-1], 1, dtype=torch.float32)
-    values = torch.stack(sources, dim=-2).float()  # (batch, seq, num_sources, hidden)
-    keys = key_norm(values)
-    logits = pseudo_query(keys)  # (batch, seq, num_sources)
-    weights = logits.softmax(dim=-1)
-    hidden_states = torch.matmul(weights.unsqueeze(-2), values).squeeze(-2)  # (batch, seq, hidden)
-    return hidden_states.to(sources[0].dtype), weights
+    sources32 = as_float32(sources)
+    logits = torch.matmul(sources32, queries.t()) * sources_inv_rms.unsqueeze(-1)
+    probabilities = torch.softmax(logits, dim=0)
+    # p_max = exp(max(logits) - logsumexp) lies in [1/num_sources, 1], so this is exact and never overflows, in a
+    # third of the operations of torch.logsumexp (which matter when decoding one token at a time)
+    logsumexp = logits.amax(dim=0) - probabilities.amax(dim=0).log()
+    # (batch, seq, queries, sources) @ (batch, seq, sources, hidden): a strided view, no copy of the sources
+    outputs = torch.matmul(probabilities.permute(1, 2, 3, 0), sources32.permute(1, 2, 0, 3))
+    return outputs.to(sources.dtype), logsumexp, logits
+
+
+def merge_partial_sum(
+    output: torch.Tensor, logsumexp: torch.Tensor, partial_sum: torch.Tensor, query: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Phase 2 (Algorithm 1's online-softmax merge): add the current block's partial sum as one more source.
+
+    With `ℓ` the log-sum-exp over the completed sources and `s` the partial sum's logit, the partial sum's softmax
+    weight is `e^s / (e^ℓ + e^s) = sigmoid(s - ℓ)`, and the merged input is `lerp(output, partial_sum, weight)`:
+    exactly the one-shot softmax over all sources. Returns the input `(batch, seq, hidden)` and the weight
+    `(batch, seq)`, fp32.
+    """
+    partial32 = as_float32(partial_sum)
+    logit = torch.matmul(partial32, query) * inverse_rms(partial32, eps)
+    weight = torch.sigmoid(logit - logsumexp)
+    merged = torch.lerp(as_float32(output), partial32, weight.unsqueeze(-1))
+    return merged.to(partial_sum.dtype), weight
+
+
+def commit_source(
+    sources: torch.Tensor | None, sources_inv_rms: torch.Tensor | None, source: torch.Tensor, index: int, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Make `source` (a finished block sum, the embedding, or in full mode a sublayer output) completed source number
+    `index`, with its `1 / rms` computed here once for every aggregation that will read it.
+
+    Without autograd the model preallocates the sources, and the source is written into its slot: every source is
+    copied exactly once. With autograd the sources grow by concatenation (autograd forbids writing into a tensor that
+    earlier reads saved for the backward pass).
+    """
+    source_inv_rms = inverse_rms(source, eps)
+    if sources is not None and sources.shape[0] > index:
+        sources[index] = source
+        sources_inv_rms[index] = source_inv_rms
+        return sources, sources_inv_rms
+    if sources is None:
+        return source.unsqueeze(0), source_inv_rms.unsqueeze(0)
+    return torch.cat([sources, source.unsqueeze(0)]), torch.cat([sources_inv_rms, source_inv_rms.unsqueeze(0)])
+
+
+def depth_weights(logits: torch.Tensor, logsumexp: torch.Tensor, partial_weight: torch.Tensor | None) -> torch.Tensor:
+    """The softmax weights of one aggregation over `config.depth_sources()` (completed sources, then the partial sum),
+    `(batch, seq, num_sources)`, from its phase-1 `logits` `(num_sources, batch, seq)` and `logsumexp`."""
+    weights = torch.exp(logits - logsumexp).permute(1, 2, 0)
+    if partial_weight is None:
+        return weights
+    return torch.cat([weights * (1 - partial_weight).unsqueeze(-1), partial_weight.unsqueeze(-1)], dim=-1)
 
 
 class AttnResDecoderLayer(GradientCheckpointingLayer):
     """One attention and one MLP sublayer, each reading its input through an AttnRes aggregation.
 
-    The residual state travels between layers as a running partial sum plus the completed sources (token embedding,
-    completed block sums, or every sublayer output in full mode). They are positional arguments and flat outputs so
-    that activation checkpointing (reentrant or not) tracks their gradients and accelerate's device hooks move them.
-    In `"standard"` mode there are no completed sources and the partial sum is the PreNorm residual stream.
+    The residual state travels between layers as three tensors: the running partial sum of the current block, the
+    completed sources stacked as `(num_sources, batch, seq, hidden)` (the token embedding, completed block sums, or in
+    full mode every sublayer output) and their `1 / rms`. They are positional arguments and flat outputs so that
+    activation checkpointing (reentrant or not) tracks their gradients and accelerate's device hooks move them. In
+    `"standard"` mode there are no sources and the partial sum is the PreNorm residual stream.
+
+    The model commits the partial sum before a layer whose attention starts a block, and usually computes phase 1
+    for all the layers of a block at once (`inter_block`); under activation checkpointing each layer recomputes its
+    own phase 1, so that the checkpointed input stays the partial sum (paper §4.1). Each sublayer then merges the
+    partial sum in (phase 2).
     """
 
     def __init__(self, config: AttnResConfig, layer_idx: int):
         super().__init__()
         self.hidden_size = config.hidden_size
         self.residual_mode = config.residual_mode
+        self.rms_norm_eps = config.rms_norm_eps
         self.self_attn = AttnResAttention(config=config, layer_idx=layer_idx)
         self.mlp = AttnResMLP(config)
 
@@ -312,19 +398,34 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = AttnResRMSNorm(config.hidden_size, eps=attention_eps)
         self.post_attention_layernorm = AttnResRMSNorm(config.hidden_size, eps=mlp_eps)
 
+        # Block mode commits the partial sum before the attention of layers 0, B, 2B, ... (done by the model); full
+        # mode before every sublayer (the MLP's commit, of the attention output, is done here after the MLP read it).
         self.attention_starts_block = config.sublayer_starts_block(2 * layer_idx)
         self.mlp_starts_block = config.sublayer_starts_block(2 * layer_idx + 1)
+        attention_sources = len(depth_sources[2 * layer_idx])
+        self.num_completed_sources = attention_sources - (0 if self.attention_starts_block else 1)
         # CODEPATH: residual_mode "block"/"full" (AttnRes checkpoints); "standard" (PreNorm baseline) has none of these.
         if self.residual_mode != "standard":
             self.self_attention_res_proj = AttnResPseudoQuery(config.hidden_size)
-            self.self_attention_res_norm = AttnResRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.self_attention_res_norm = AttnResKeyRMSNorm(config.hidden_size)
             self.mlp_res_proj = AttnResPseudoQuery(config.hidden_size)
-            self.mlp_res_norm = AttnResRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.mlp_res_norm = AttnResKeyRMSNorm(config.hidden_size)
+
+    def pseudo_queries(self) -> torch.Tensor:
+        """The two aggregations' `w ⊙ γ`, `(2, hidden)` fp32 (attention first)."""
+        return torch.stack(
+            [
+                self.self_attention_res_norm(self.self_attention_res_proj()),
+                self.mlp_res_norm(self.mlp_res_proj()),
+            ]
+        )
 
     def forward(
         self,
-        partial_sum: torch.Tensor,
-        *completed_sources: torch.Tensor,
+        partial_sum: torch.Tensor | None,
+        sources: torch.Tensor | None = None,
+        sources_inv_rms: torch.Tensor | None = None,
+        inter_block: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
@@ -333,16 +434,13 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         return_depth_attentions: bool = False,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor | None, ...]:
-        """Returns `(partial_sum, layer_input, attention_depth_weights, mlp_depth_weights, *completed_sources)`:
+        """`partial_sum` is `None` right after a commit. `inter_block` is this layer's slice of the block's phase 1
+        (`attend_over_sources` outputs for its two queries), or `None` to compute it here.
+
+        Returns `(partial_sum, sources, sources_inv_rms, layer_input, attention_depth_weights, mlp_depth_weights)`:
         `layer_input` is the hidden state entering the attention sublayer (reported as this layer's
         `hidden_states` entry); the depth weights are `None` unless `return_depth_attentions`."""
-        sources = list(completed_sources)
-        hidden_states, partial_sum, attention_depth_weights = self._aggregate_input(
-            partial_sum, sources, "self_attention", self.attention_starts_block
-        )
-        layer_input = hidden_states
-        hidden_states, _ = self.self_attn(
-            hidden_states=self.input_layernorm(hidden_states),
+        sublayer_kwargs = dict(
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
@@ -350,35 +448,48 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
             position_embeddings=position_embeddings,
             **kwargs,
         )
+        # CODEPATH: "standard" residuals (the PreNorm baseline): each sublayer reads the residual stream itself.
+        if self.residual_mode == "standard":
+            layer_input = partial_sum
+            hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(partial_sum), **sublayer_kwargs)
+            partial_sum = partial_sum + hidden_states
+            partial_sum = partial_sum + self.mlp(self.post_attention_layernorm(partial_sum))
+            return partial_sum, None, None, layer_input, None, None
+
+        queries = self.pseudo_queries()
+        if inter_block is None:
+            completed = self.num_completed_sources
+            inter_block = attend_over_sources(sources[:completed], sources_inv_rms[:completed], queries)
+        read = dict(inter_block=inter_block, queries=queries, weights=return_depth_attentions)
+
+        layer_input, attention_weights = self._read_input(partial_sum, index=0, **read)
+        hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(layer_input), **sublayer_kwargs)
         partial_sum = hidden_states if partial_sum is None else partial_sum + hidden_states
 
-        hidden_states, partial_sum, mlp_depth_weights = self._aggregate_input(
-            partial_sum, sources, "mlp", self.mlp_starts_block
-        )
+        hidden_states, mlp_weights = self._read_input(partial_sum, index=1, **read)
+        if self.mlp_starts_block:  # full mode: the attention output becomes a source of its own
+            sources, sources_inv_rms = commit_source(
+                sources, sources_inv_rms, partial_sum, self.num_completed_sources, self.rms_norm_eps
+            )
+            partial_sum = None
         hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
         partial_sum = hidden_states if partial_sum is None else partial_sum + hidden_states
+        return partial_sum, sources, sources_inv_rms, layer_input, attention_weights, mlp_weights
 
-        if not return_depth_attentions:
-            attention_depth_weights = mlp_depth_weights = None
-        return (partial_sum, layer_input, attention_depth_weights, mlp_depth_weights, *sources)
-
-    def _aggregate_input(
-        self, partial_sum: torch.Tensor, sources: list[torch.Tensor], sublayer: str, starts_block: bool
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-        """The input of one sublayer. Returns `(sublayer_input, partial_sum, depth_weights)`; at a block start the
-        partial sum is committed to `sources` (in place) and comes back as `None`: the sublayer output opens a new one.
-        """
-        # CODEPATH: "standard" residuals: the sublayer reads the residual stream itself.
-        if self.residual_mode == "standard":
-            return partial_sum, partial_sum, None
-        if starts_block:
-            sources.append(partial_sum)
-            inputs, partial_sum = sources, None
+    def _read_input(self, partial_sum, index: int, inter_block, queries, weights: bool):
+        """The input of one sublayer from phase 1 (and the phase-2 merge when a partial sum is open), and, if
+        `weights`, its depth weights over `config.depth_sources()`."""
+        outputs, logsumexp, logits = inter_block
+        partial_weight = None
+        if partial_sum is None:
+            hidden_states = outputs[..., index, :]
         else:
-            inputs = sources + [partial_sum]
-        pseudo_query, key_norm = getattr(self, f"{sublayer}_res_proj"), getattr(self, f"{sublayer}_res_norm")
-        hidden_states, depth_weights = depth_attention(inputs, pseudo_query, key_norm)
-        return hidden_states, partial_sum, depth_weights
+            hidden_states, partial_weight = merge_partial_sum(
+                outputs[..., index, :], logsumexp[..., index], partial_sum, queries[index], self.rms_norm_eps
+            )
+        if not weights:
+            return hidden_states, None
+        return hidden_states, depth_weights(logits[..., index], logsumexp[..., index], partial_weight)
 
 
 class AttnResPreTrainedModel(PreTrainedModel):
@@ -463,10 +574,14 @@ class AttnResModel(AttnResPreTrainedModel):
         # CODEPATH: residual_mode "block"/"full": the final output's own pseudo-query and key norm.
         if config.residual_mode != "standard":
             self.output_attn_res_proj = AttnResPseudoQuery(config.hidden_size)
-            self.output_attn_res_norm = AttnResRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+            self.output_attn_res_norm = AttnResKeyRMSNorm(config.hidden_size)
         self.rotary_emb = AttnResRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
         self.has_sliding_layers = "sliding_attention" in config.layer_types
+        # Layers that share one phase 1 (a block; in full mode, each layer), and the sources completed at the end.
+        starts = [i for i, layer in enumerate(self.layers) if layer.attention_starts_block] + [len(self.layers)]
+        self.layer_groups = [list(range(start, end)) for start, end in zip(starts, starts[1:])]
+        self.num_completed_sources = len(config.depth_sources()[-1]) - 1
         self.post_init()
 
     @merge_with_config_defaults
@@ -518,32 +633,71 @@ class AttnResModel(AttnResPreTrainedModel):
                 causal_mask_mapping["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
 
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
-        partial_sum, completed_sources = inputs_embeds, []
+        layer_kwargs = dict(
+            position_embeddings=position_embeddings,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            return_depth_attentions=output_depth_attentions,
+            **kwargs,
+        )
+        partial_sum, sources, sources_inv_rms = inputs_embeds, None, None
+        if self.config.residual_mode != "standard" and not torch.is_grad_enabled():
+            # Without autograd the sources are written into one buffer as they complete: no source is copied twice.
+            sources = inputs_embeds.new_empty(self.num_completed_sources, *inputs_embeds.shape)
+            sources_inv_rms = inputs_embeds.new_empty(sources.shape[:-1], dtype=torch.float32)
+        # Under activation checkpointing each layer recomputes its own phase 1; otherwise a block shares one.
+        batch_phase_one = not (self.gradient_checkpointing and self.training)
         all_hidden_states: list[torch.Tensor] = []
         all_depth_attentions: list[torch.Tensor] = []
-        for layer_idx, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers]):
-            partial_sum, layer_input, attention_weights, mlp_weights, *completed_sources = decoder_layer(
-                partial_sum,
-                *completed_sources,
-                attention_mask=causal_mask_mapping[self.config.layer_types[layer_idx]],
-                position_embeddings=position_embeddings,
-                position_ids=position_ids,
-                past_key_values=past_key_values,
-                use_cache=use_cache,
-                return_depth_attentions=output_depth_attentions,
-                **kwargs,
-            )
-            all_hidden_states.append(layer_input)
-            all_depth_attentions += [attention_weights, mlp_weights]
+        for group in self.layer_groups:
+            inter_block = None
+            # CODEPATH: AttnRes modes: commit the finished block (or, in full mode, the last sublayer output) and
+            # attend over the completed sources for every aggregation of the block at once.
+            if self.config.residual_mode != "standard":
+                head = self.layers[group[0]]
+                completed = head.num_completed_sources
+                sources, sources_inv_rms = commit_source(
+                    sources, sources_inv_rms, partial_sum, completed - 1, self.config.rms_norm_eps
+                )
+                partial_sum = None
+                if batch_phase_one:
+                    queries = torch.cat([self.layers[i].pseudo_queries() for i in group])
+                    inter_block = attend_over_sources(sources[:completed], sources_inv_rms[:completed], queries)
+            for position, layer_idx in enumerate(group):
+                layer_inter_block = None
+                if inter_block is not None:
+                    outputs, logsumexp, logits = inter_block
+                    queries_of_layer = slice(2 * position, 2 * position + 2)
+                    layer_inter_block = (
+                        outputs[..., queries_of_layer, :],
+                        logsumexp[..., queries_of_layer],
+                        logits[..., queries_of_layer],
+                    )
+                partial_sum, sources, sources_inv_rms, layer_input, attention_weights, mlp_weights = self.layers[
+                    layer_idx
+                ](
+                    partial_sum,
+                    sources,
+                    sources_inv_rms,
+                    layer_inter_block,
+                    attention_mask=causal_mask_mapping[self.config.layer_types[layer_idx]],
+                    **layer_kwargs,
+                )
+                all_hidden_states.append(layer_input)
+                all_depth_attentions += [attention_weights, mlp_weights]
 
         # CODEPATH: "standard" reads the residual stream; AttnRes aggregates all sources with the output query.
         if self.config.residual_mode == "standard":
             hidden_states = partial_sum
         else:
-            hidden_states, output_weights = depth_attention(
-                completed_sources + [partial_sum], self.output_attn_res_proj, self.output_attn_res_norm
+            query = self.output_attn_res_norm(self.output_attn_res_proj())
+            outputs, logsumexp, logits = attend_over_sources(sources, sources_inv_rms, query.unsqueeze(0))
+            hidden_states, partial_weight = merge_partial_sum(
+                outputs[..., 0, :], logsumexp[..., 0], partial_sum, query, self.config.rms_norm_eps
             )
-            all_depth_attentions.append(output_weights)
+            if output_depth_attentions:
+                all_depth_attentions.append(depth_weights(logits[..., 0], logsumexp[..., 0], partial_weight))
         hidden_states = self.norm(hidden_states)
 
         return AttnResModelOutputWithPast(

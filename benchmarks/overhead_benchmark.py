@@ -1,0 +1,263 @@
+"""What AttnRes costs: prefill latency, decode speed, training-step time and memory, against the standard model.
+
+Three models share every weight: `residual_mode="standard"` (plain PreNorm, the baseline), `"block"` (N = 8) and
+`"full"`. Each measurement interleaves them (standard, block, full, standard, ...) after a warm-up, so machine noise
+hits all three alike; a ratio is computed per repetition (AttnRes time / standard time of the same round) and the
+report gives its median and interquartile range. Results go to `benchmarks/results/overhead-<device>.{json,md}`.
+
+    python benchmarks/overhead_benchmark.py                      # CPU, fp32 (the issue's setting)
+    python benchmarks/overhead_benchmark.py --device cuda --dtype bfloat16 --compile
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from attnres import AttnResConfig, AttnResForCausalLM
+
+
+MODES = ("standard", "block", "full")
+
+
+def build_models(args) -> dict[str, AttnResForCausalLM]:
+    common = dict(
+        vocab_size=32000,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads,
+        max_position_embeddings=4096,
+        attn_res_num_blocks=8,
+        bos_token_id=1,
+        eos_token_id=None,  # decode always runs the requested number of tokens
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    models = {}
+    for mode in MODES:
+        model = AttnResForCausalLM(AttnResConfig(**common, residual_mode=mode))
+        if models:
+            model.load_state_dict(models["standard"].state_dict(), strict=False)
+        if mode != "standard":  # non-zero queries: nothing may take a shortcut on uniform weights
+            with torch.no_grad():
+                for name, param in model.attn_res_parameters().items():
+                    if name.endswith("_proj.weight"):
+                        param.normal_(0, 0.02)
+        models[mode] = model.to(device=args.device, dtype=DTYPES[args.dtype]).eval()
+    return models
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def interleaved(runs: dict[str, Callable[[], None]], repeats: int, warmup: int, device: str) -> dict[str, list[float]]:
+    """Seconds per call of each run, interleaved round by round."""
+    for _ in range(warmup):
+        for run in runs.values():
+            run()
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            synchronize(device)
+            start = time.perf_counter()
+            run()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def summarize(times: dict[str, list[float]], unit: str = "s") -> dict:
+    summary = {name: {"median": statistics.median(values), "unit": unit} for name, values in times.items()}
+    for mode in ("block", "full"):
+        if mode in times:
+            ratios = sorted(a / s for a, s in zip(times[mode], times["standard"]))
+            quartiles = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+            summary[mode]["ratio_median"] = statistics.median(ratios)
+            summary[mode]["ratio_iqr"] = [quartiles[0], quartiles[2]]
+    return summary
+
+
+def prefill(models, args, batch: int, seq: int) -> dict:
+    ids = torch.randint(2, 32000, (batch, seq), device=args.device)
+
+    def run(model):
+        with torch.inference_mode():
+            model(ids, use_cache=False, logits_to_keep=1)
+
+    return summarize(interleaved({m: (lambda m=m: run(models[m])) for m in models}, args.repeats, 1, args.device))
+
+
+def decode(models, args, prompt: int, new_tokens: int) -> dict:
+    """Per-token decode latency with the KV cache: each model prefills the prompt (untimed), then the models take
+    their decode steps in turn (standard, block, full, standard, ...), so every step gives a paired ratio."""
+    ids = torch.randint(2, 32000, (1, prompt), device=args.device)
+    times = {name: [] for name in models}
+    repeats = max(2, args.repeats // 3)
+    with torch.inference_mode():
+        for _ in range(repeats):
+            states = {}
+            for name, model in models.items():
+                output = model(ids, use_cache=True, logits_to_keep=1)
+                states[name] = (output.past_key_values, output.logits[:, -1:].argmax(-1))
+            for step in range(new_tokens):
+                for name, model in models.items():
+                    cache, token = states[name]
+                    synchronize(args.device)
+                    start = time.perf_counter()
+                    output = model(token, past_key_values=cache, use_cache=True)
+                    token = output.logits[:, -1:].argmax(-1)
+                    synchronize(args.device)
+                    if step >= 2:  # the first steps warm up
+                        times[name].append(time.perf_counter() - start)
+                    states[name] = (output.past_key_values, token)
+    return summarize(times, unit="s/token")
+
+
+def saved_activation_bytes(model, ids) -> int:
+    """Bytes of distinct storages autograd keeps for backward during one forward: the activation memory."""
+    storages = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    parameters = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return sum(size for ptr, size in storages.items() if ptr not in parameters)
+
+
+def train_step(models, args, batch: int, seq: int, checkpointing: bool) -> dict:
+    ids = torch.randint(2, 32000, (batch, seq), device=args.device)
+    for model in models.values():
+        model.train()
+        if checkpointing:
+            model.activation_checkpointing_enable()
+
+    def run(model):
+        model.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+
+    result = summarize(interleaved({m: (lambda m=m: run(models[m])) for m in models}, args.repeats, 1, args.device))
+    for name, model in models.items():
+        model.zero_grad(set_to_none=True)
+        result[name]["saved_activation_bytes"] = saved_activation_bytes(model, ids)
+        if args.device.startswith("cuda"):
+            model.zero_grad(set_to_none=True)
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            run(model)
+            result[name]["peak_step_bytes"] = torch.cuda.max_memory_allocated() - base
+    for name in ("block", "full"):
+        result[name]["activation_ratio"] = result[name]["saved_activation_bytes"] / result["standard"]["saved_activation_bytes"]
+        if "peak_step_bytes" in result[name]:
+            result[name]["peak_ratio"] = result[name]["peak_step_bytes"] / result["standard"]["peak_step_bytes"]
+    for model in models.values():
+        model.eval()
+        if checkpointing:
+            model.activation_checkpointing_disable()
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
+    parser.add_argument("--hidden-size", type=int, default=1024)
+    parser.add_argument("--intermediate-size", type=int, default=2816)
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--prefill", default="1x512,1x2048,4x512", help="batch x seq shapes")
+    parser.add_argument("--decode", default="512+128", help="prompt + new tokens")
+    parser.add_argument("--train", default="1x512", help="batch x seq shapes")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile'd models (prefill)")
+    parser.add_argument("--only", default="prefill,decode,train,compile")
+    parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    models = build_models(args)
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    report = {
+        "device": f"{args.device} ({device_name}), {torch.get_num_threads()} threads",
+        "dtype": args.dtype,
+        "model": f"hidden {args.hidden_size}, {args.layers} layers, {args.heads}/{args.kv_heads} heads, "
+        f"intermediate {args.intermediate_size}, vocab 32000; block: N = 8 (blocks of {args.layers // 8} layers)",
+        "torch": torch.__version__,
+        "repeats": args.repeats,
+        "results": {},
+    }
+    only = set(args.only.split(","))
+    shapes = [tuple(map(int, s.split("x"))) for s in args.prefill.split(",")] if args.prefill else []
+    if "prefill" in only:
+        for batch, seq in shapes:
+            report["results"][f"prefill {batch}x{seq}"] = prefill(models, args, batch, seq)
+            print(format_row(f"prefill {batch}x{seq}", report["results"][f"prefill {batch}x{seq}"]), flush=True)
+    if "decode" in only and args.decode:
+        prompt, new_tokens = map(int, args.decode.split("+"))
+        key = f"decode {prompt}+{new_tokens}"
+        report["results"][key] = decode(models, args, prompt, new_tokens)
+        print(format_row(key, report["results"][key]), flush=True)
+    if "train" in only and args.train:
+        for batch, seq in (tuple(map(int, s.split("x"))) for s in args.train.split(",")):
+            for checkpointing in (False, True):
+                key = f"train step {batch}x{seq}" + (" (activation checkpointing)" if checkpointing else "")
+                report["results"][key] = train_step(models, args, batch, seq, checkpointing)
+                print(format_row(key, report["results"][key]), flush=True)
+    if args.compile and "compile" in only:
+        compiled = {name: torch.compile(model) for name, model in models.items()}
+        for batch, seq in shapes[:1]:
+            key = f"prefill {batch}x{seq} (torch.compile)"
+            report["results"][key] = prefill(compiled, args, batch, seq)
+            print(format_row(key, report["results"][key]), flush=True)
+
+    args.output.mkdir(parents=True, exist_ok=True)
+    stem = f"overhead-{'cuda' if args.device.startswith('cuda') else 'cpu'}-{args.dtype}"
+    (args.output / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [
+        f"device: {report['device']}, {args.dtype}, torch {torch.__version__}; model: {report['model']}",
+        "",
+        "| measurement | standard | block / standard (median, IQR) | full / standard (median, IQR) | activations block / full vs standard |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [format_row(key, value) for key, value in report["results"].items()]
+    (args.output / f"{stem}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def format_row(key: str, result: dict) -> str:
+    standard = result["standard"]
+    cells = [f"{standard['median'] * 1e3:.1f} ms" + (" per token" if "token" in standard["unit"] else "")]
+    for mode in ("block", "full"):
+        low, high = result[mode]["ratio_iqr"]
+        cells.append(f"{result[mode]['ratio_median']:.3f} ({low:.3f}-{high:.3f})")
+    if "activation_ratio" in result["block"]:
+        memory = f"{result['block']['activation_ratio']:.3f} / {result['full']['activation_ratio']:.3f}"
+        if "peak_ratio" in result["block"]:
+            memory += f" (peak {result['block']['peak_ratio']:.3f} / {result['full']['peak_ratio']:.3f})"
+        cells.append(memory)
+    else:
+        cells.append("")
+    return f"| {key} | " + " | ".join(cells) + " |"
+
+
+if __name__ == "__main__":
+    main()
