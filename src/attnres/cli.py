@@ -18,6 +18,10 @@ EPILOG = """examples:
   attnres inspect examples/attnres-llama-1b          # a local checkpoint or config directory
   attnres inspect path/to/config.json --json         # machine-readable
   attnres inspect my-org/my-attnres-model            # a Hub id (online)
+  attnres eval --model llama-1b-attnres --baseline meta-llama/Llama-3.2-1B --tasks mmlu,gpqa_diamond \
+      --output results/llama-1b
+  attnres eval --model ./ckpt --tasks humaneval --allow-code-execution --output results/humaneval
+  attnres eval-data ./eval-data                       # export the Hub datasets for offline --data-dir use
 """
 
 
@@ -86,6 +90,50 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_eval(args: argparse.Namespace) -> int:
+    from .eval_tasks import parse_num_fewshot, parse_tasks
+    from .evaluation import run_eval as evaluate
+
+    tasks = parse_tasks(args.tasks)
+    report = evaluate(
+        model=args.model,
+        baseline=args.baseline,
+        tasks=tasks,
+        num_fewshot=parse_num_fewshot(args.num_fewshot, tasks),
+        output=args.output,
+        data_dir=args.data_dir,
+        limit=args.limit,
+        batch_size=args.batch_size,
+        device=args.device,
+        dtype=args.dtype,
+        max_gen_toks=args.max_gen_toks,
+        cache_dir=None if args.no_cache else args.cache_dir,
+        allow_code_execution=args.allow_code_execution,
+        force=args.force,
+        update_model_card=args.update_model_card,
+        command=args.command_line,
+    )
+    print(report["table"])
+    for note in report["notes"]:
+        print(f"note: {note}")
+    print(f"wrote {args.output}/results.md, results.json and comparison.png")
+    return 0
+
+
+def run_eval_data(args: argparse.Namespace) -> int:
+    from .eval_tasks import export_hub_data, parse_tasks
+
+    if args.directory.exists() and any(args.directory.iterdir()):
+        raise UserError(f"{args.directory} exists and is not empty; choose a new directory")
+    written = export_hub_data(parse_tasks(args.tasks), args.directory)
+    print(f"wrote {len(written)} files under {args.directory}")
+    return 0
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "attnres" / "lm_eval"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="attnres",
@@ -130,6 +178,46 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("model", help="checkpoint or config directory, config.json file, or Hub id")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
     inspect.set_defaults(handler=run_inspect)
+
+    evaluate = commands.add_parser(
+        "eval",
+        help="run MMLU, GPQA-Diamond, HumanEval, Minerva Math (lm-eval) and compare with a baseline",
+        description="Evaluate an AttnRes model (and optionally a baseline) with lm-evaluation-harness and write "
+        "results.md (table), results.json (lm-eval's full outputs) and comparison.png into --output.",
+    )
+    evaluate.add_argument("--model", required=True, help="AttnRes checkpoint directory or Hub id")
+    evaluate.add_argument("--baseline", help="the model to compare with (e.g. the checkpoint it was grafted from)")
+    evaluate.add_argument("--tasks", default="mmlu,gpqa_diamond,humaneval,minerva_math", help="comma-separated")
+    evaluate.add_argument("--num-fewshot", help="N for every task, or TASK=N,... (default: mmlu 5, minerva_math 4, others 0)")
+    evaluate.add_argument("--limit", type=int, help="only the first N documents of each subtask (quick checks)")
+    evaluate.add_argument("--batch-size", default="auto", help="an integer or 'auto' (lm-eval's)")
+    evaluate.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: lm-eval's choice)")
+    evaluate.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    evaluate.add_argument("--max-gen-toks", type=int, help="cap generation length (HumanEval, Minerva)")
+    evaluate.add_argument("--data-dir", type=Path, help="local task data (layout: attnres.eval_tasks docstring)")
+    evaluate.add_argument("--output", type=Path, required=True, help="report directory (must not exist or be empty)")
+    evaluate.add_argument("--force", action="store_true", help="replace --output if it exists")
+    evaluate.add_argument(
+        "--update-model-card", action="store_true", help="also write the results into the AttnRes model's README.md"
+    )
+    evaluate.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="resumable response cache")
+    evaluate.add_argument("--no-cache", action="store_true", help="do not read or write the response cache")
+    evaluate.add_argument(
+        "--allow-code-execution",
+        action="store_true",
+        help="let HumanEval run model-generated programs (isolated processes with time and memory limits)",
+    )
+    evaluate.set_defaults(handler=run_eval)
+
+    eval_data = commands.add_parser(
+        "eval-data",
+        help="download the suite's Hub datasets into the --data-dir layout (needs internet)",
+        description="Export the benchmark datasets from the Hugging Face Hub into DIR, in the layout "
+        "`attnres eval --data-dir` reads. GPQA is gated: accept its terms on the Hub and log in first.",
+    )
+    eval_data.add_argument("directory", type=Path, metavar="DIR")
+    eval_data.add_argument("--tasks", default="mmlu,gpqa_diamond,humaneval,minerva_math")
+    eval_data.set_defaults(handler=run_eval_data)
     return parser
 
 

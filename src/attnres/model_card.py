@@ -66,3 +66,34 @@ def render_model_card(
         repo_id=repo_id,
     )
     return str(card)
+
+
+def fill_results(card_text: str, rows: list, table: str, settings: list[str], model_name: str) -> str:
+    """The card with its results section replaced by `table` and its `model-index` metadata set to the AttnRes
+    scores (what the Hub shows in the evaluation widget)."""
+    from huggingface_hub import EvalResult
+
+    from .eval_tasks import SUITE
+
+    if RESULTS_START not in card_text or RESULTS_END not in card_text:
+        raise ValueError(
+            f"the model card has no results section (the {RESULTS_START} ... {RESULTS_END} markers that "
+            "`attnres convert` writes); add them where the table should go"
+        )
+    card = ModelCard(card_text)
+    card.data.model_name = card.data.model_name or model_name
+    card.data.eval_results = [
+        EvalResult(
+            task_type="text-generation",
+            dataset_type=SUITE[row.task].hub_dataset,
+            dataset_name=row.task,
+            metric_type=row.metric.split(" (")[0],
+            metric_value=round(row.attnres, 4),
+        )
+        for row in rows
+    ]
+    text = str(card)
+    before, rest = text.split(RESULTS_START, 1)
+    _, after = rest.split(RESULTS_END, 1)
+    section = "\n".join(["", table, "", *settings, ""])
+    return f"{before}{RESULTS_START}\n{section}\n{RESULTS_END}{after}"

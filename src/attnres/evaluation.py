@@ -1,0 +1,360 @@
+# Copyright 2026 The attnres authors. Licensed under the Apache License, Version 2.0.
+"""`attnres eval`: run the benchmark suite with lm-eval's Python API and compare a baseline with an AttnRes model.
+
+Each model is wrapped in lm-eval's `HFLM` (`trust_remote_code=True`, so AttnRes checkpoints load as remote code)
+and evaluated with `simple_evaluate` on the task directory that `eval_tasks.write_task_configs` writes. lm-eval's
+`use_cache` keeps every model response in SQLite, keyed by the model's identity, so an interrupted run resumes
+where it stopped. The report (results.json, results.md, comparison.png) is written to a temporary directory
+and renamed into place at the end: an existing directory is never half-written or silently replaced.
+"""
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .model_card import RESULTS_START, fill_results
+from .eval_tasks import (
+    SUITE,
+    BenchmarkTask,
+    PreparedTasks,
+    check_requirements,
+    write_task_configs,
+)
+
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
+
+
+@dataclass
+class ComparisonRow:
+    """One metric of one task: the two models' scores, their standard errors and the difference."""
+
+    task: str
+    metric: str
+    samples: int | None
+    baseline: float | None
+    baseline_stderr: float | None
+    attnres: float
+    attnres_stderr: float | None
+
+    @property
+    def delta(self) -> float | None:
+        return None if self.baseline is None else self.attnres - self.baseline
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "delta": self.delta}
+
+
+def resolve_model(model: str) -> str:
+    """A local checkpoint directory (must hold config.json) or a Hub id; anything else is a clear error."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{model} is not a model checkpoint (no config.json in it)")
+        return str(path.resolve())
+    if path.is_absolute() or model.startswith((".", "~")) or model.count("/") != 1:
+        raise ValueError(f"model {model!r} does not exist (expected a checkpoint directory or a Hub id like org/name)")
+    return model
+
+
+def model_fingerprint(model: str, dtype: str) -> str:
+    """Identifies a model's weights for the response cache: a changed checkpoint must not reuse old answers."""
+    digest = hashlib.sha256(f"{model}|{dtype}".encode())
+    path = Path(model)
+    if path.is_dir():
+        for name in sorted(os.listdir(path)):
+            if name.endswith((".json", ".safetensors", ".bin", ".gguf")):
+                stat = (path / name).stat()
+                digest.update(f"{name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def evaluate_model(
+    model: str,
+    prepared: PreparedTasks,
+    *,
+    limit: int | None,
+    batch_size: str,
+    device: str | None,
+    dtype: str,
+    max_gen_toks: int | None,
+    cache_dir: Path | None,
+    allow_code_execution: bool,
+    label: str,
+) -> dict:
+    """lm-eval's full results for one model (`simple_evaluate`'s return value, without per-sample logs)."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    lm = HFLM(
+        pretrained=model,
+        trust_remote_code=True,
+        backend="causal",
+        dtype=dtype,
+        device=device,
+        batch_size=batch_size,
+    )
+    cache = None
+    if cache_dir is not None:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        cache = str(cache_dir / f"{label}-{model_fingerprint(model, dtype)}")
+    logger.info("evaluating %s (%s)", model, label)
+    results = simple_evaluate(
+        model=lm,
+        tasks=list(prepared.names.values()),
+        task_manager=TaskManager(include_path=str(prepared.task_dir), include_defaults=False),
+        limit=limit,
+        use_cache=cache,
+        gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks else None,
+        log_samples=False,
+        confirm_run_unsafe_code=allow_code_execution,
+    )
+    del lm
+    return json.loads(json.dumps(results, default=_jsonable))
+
+
+def task_metrics(results: dict, lm_eval_name: str) -> dict[str, tuple[float, float | None]]:
+    """{metric: (value, stderr)} for a task or group; metric names keep lm-eval's filter suffix only if not 'none'."""
+    section = results.get("groups", {}).get(lm_eval_name) or results["results"][lm_eval_name]
+    metrics = {}
+    for key, value in section.items():
+        if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
+            continue
+        metric, filter_name = key.split(",", 1)
+        stderr = section.get(f"{metric}_stderr,{filter_name}")
+        name = metric if filter_name == "none" else f"{metric} ({filter_name})"
+        metrics[name] = (float(value), float(stderr) if isinstance(stderr, (int, float)) else None)
+    return metrics
+
+
+def comparison_rows(
+    tasks: list[BenchmarkTask], names: dict[str, str], attnres: dict, baseline: dict | None
+) -> list[ComparisonRow]:
+    rows = []
+    for task in tasks:
+        lm_eval_name = names[task.name]
+        ours = task_metrics(attnres, lm_eval_name)
+        theirs = task_metrics(baseline, lm_eval_name) if baseline is not None else {}
+        samples = attnres.get("n-samples", {})
+        count = sum(
+            value.get("effective", 0) for name, value in samples.items() if name == lm_eval_name or name in _leaves(attnres, lm_eval_name)
+        )
+        for metric, (value, stderr) in ours.items():
+            base_value, base_stderr = theirs.get(metric, (None, None))
+            rows.append(ComparisonRow(task.name, metric, count or None, base_value, base_stderr, value, stderr))
+    return rows
+
+
+def _leaves(results: dict, group: str) -> list[str]:
+    return results.get("group_subtasks", {}).get(group, [])
+
+
+def format_table(rows: list[ComparisonRow], baseline_label: str | None, attnres_label: str) -> str:
+    def number(value: float | None, stderr: float | None = None) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "–"
+        return f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None and not math.isnan(stderr) else "")
+
+    if baseline_label is None:
+        lines = [f"| task | metric | n | {attnres_label} |", "|---|---|---:|---:|"]
+        lines += [f"| {r.task} | {r.metric} | {r.samples or '–'} | {number(r.attnres, r.attnres_stderr)} |" for r in rows]
+        return "\n".join(lines)
+    lines = [
+        f"| task | metric | n | baseline: {baseline_label} | AttnRes: {attnres_label} | delta |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        delta = "–" if r.delta is None else f"{r.delta:+.4f}"
+        lines.append(
+            f"| {r.task} | {r.metric} | {r.samples or '–'} | {number(r.baseline, r.baseline_stderr)} "
+            f"| {number(r.attnres, r.attnres_stderr)} | {delta} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_comparison(rows: list[ComparisonRow], path: Path, title: str) -> None:
+    """Bar chart of each task's primary-metric scores (baseline vs AttnRes) with stderr error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    primary = [r for r in rows if r.metric.split(" (")[0] == SUITE[r.task].primary_metric] or rows
+    labels = [f"{r.task}\n{r.metric}" for r in primary]
+    positions = range(len(primary))
+    figure, axis = plt.subplots(figsize=(1.8 + 1.6 * len(primary), 3.6), layout="constrained")
+    width = 0.38
+    if any(r.baseline is not None for r in primary):
+        axis.bar(
+            [p - width / 2 for p in positions],
+            [r.baseline or 0.0 for r in primary],
+            width,
+            yerr=[r.baseline_stderr or 0.0 for r in primary],
+            label="baseline",
+            color="#9aa5b1",
+            capsize=3,
+        )
+    bars = axis.bar(
+        [p + width / 2 for p in positions],
+        [r.attnres for r in primary],
+        width,
+        yerr=[r.attnres_stderr or 0.0 for r in primary],
+        label="AttnRes",
+        color="#d9480f",
+        capsize=3,
+    )
+    for bar, row in zip(bars, primary):
+        if row.delta is not None:
+            axis.annotate(f"{row.delta:+.3f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                          va="bottom", fontsize=8, xytext=(0, 6), textcoords="offset points")
+    axis.set_xticks(list(positions), labels, fontsize=8)
+    axis.set_ylabel("score")
+    axis.set_title(title, fontsize=9)
+    axis.legend(fontsize=8)
+    # The plotted numbers travel in the PNG's metadata, so a reader (or a test) can check the picture against the table.
+    plotted = [{"task": r.task, "metric": r.metric, "baseline": r.baseline, "attnres": r.attnres} for r in primary]
+    figure.savefig(path, dpi=150, metadata={"Description": json.dumps(plotted)})
+    plt.close(figure)
+
+
+def settings_summary(tasks: list[BenchmarkTask], num_fewshot: dict[str, int], results: dict, prepared) -> list[str]:
+    """What exactly ran: lm-eval task versions, shots and metrics, so a reader can reproduce the numbers."""
+    import importlib.metadata
+
+    versions = results.get("versions", {})
+    lines = [f"- lm-evaluation-harness {importlib.metadata.version('lm-eval')}"]
+    for task in tasks:
+        name = prepared.names[task.name]
+        shots = num_fewshot[task.name]
+        how = task.shots_note if shots == task.num_fewshot else f"{shots}-shot (set with --num-fewshot)"
+        source = " with attnres' local pass@k (no `code_eval`)" if task.name == "humaneval" else ""
+        lines.append(f"- **{task.name}**: lm-eval task `{name}` version {versions.get(name, '?')}{source}; {how}")
+    return lines + [f"- {note}" for note in prepared.notes]
+
+
+def run_eval(
+    *,
+    model: str,
+    baseline: str | None,
+    tasks: list[BenchmarkTask],
+    num_fewshot: dict[str, int],
+    output: Path,
+    data_dir: Path | None = None,
+    limit: int | None = None,
+    batch_size: str = "1",
+    device: str | None = None,
+    dtype: str = "auto",
+    max_gen_toks: int | None = None,
+    cache_dir: Path | None = None,
+    allow_code_execution: bool = False,
+    force: bool = False,
+    update_model_card: bool = False,
+    command: str = "",
+) -> dict:
+    """Evaluate `model` (and `baseline`) and write results.json, results.md and comparison.png into `output`."""
+    from .code_execution import OPT_IN_VARIABLE, REFUSAL
+
+    if any(task.name == "humaneval" for task in tasks) and not allow_code_execution:
+        raise ValueError(REFUSAL)
+    check_requirements(tasks)
+    model = resolve_model(model)
+    baseline = resolve_model(baseline) if baseline else None
+    output = output.expanduser()
+    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not force:
+        raise FileExistsError(f"{output} exists and is not empty; choose another --output or pass --force")
+    card_path = Path(model) / "README.md"
+    card_text = card_path.read_text() if card_path.is_file() else None
+    if update_model_card and (card_text is None or RESULTS_START not in card_text):
+        raise ValueError(f"--update-model-card: {card_path} is missing or has no results section ({RESULTS_START})")
+    opt_in_before = os.environ.get(OPT_IN_VARIABLE)
+    if allow_code_execution:
+        os.environ[OPT_IN_VARIABLE] = "1"  # the opt-in that code_eval and attnres.code_execution check
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        task_dir = staging / "lm_eval_tasks"
+        task_dir.mkdir()
+        prepared = write_task_configs(tasks, task_dir, num_fewshot=num_fewshot, data_dir=data_dir)
+        common = dict(
+            limit=limit,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            max_gen_toks=max_gen_toks,
+            cache_dir=cache_dir,
+            allow_code_execution=allow_code_execution,
+        )
+        outputs = {}
+        if baseline is not None:
+            outputs["baseline"] = evaluate_model(baseline, prepared, label="baseline", **common)
+        outputs["attnres"] = evaluate_model(model, prepared, label="attnres", **common)
+        rows = comparison_rows(tasks, prepared.names, outputs["attnres"], outputs.get("baseline"))
+        report = {
+            "command": command,
+            "models": {"attnres": model, **({"baseline": baseline} if baseline else {})},
+            "tasks": {task.name: prepared.names[task.name] for task in tasks},
+            "num_fewshot": num_fewshot,
+            "limit": limit,
+            "notes": prepared.notes,
+            "comparison": [row.to_dict() for row in rows],
+            "lm_eval": outputs,
+        }
+        baseline_label = Path(baseline).name if baseline else None
+        attnres_label = Path(model).name
+        table = format_table(rows, baseline_label, attnres_label)
+        settings = settings_summary(tasks, num_fewshot, outputs["attnres"], prepared)
+        markdown = "\n".join(
+            [
+                f"# attnres eval: {attnres_label}" + (f" vs {baseline_label}" if baseline_label else ""),
+                "",
+                table,
+                "",
+                "Settings:",
+                *settings,
+                *([f"- limit: first {limit} documents per subtask (not a full-benchmark score)"] if limit else []),
+                "- ± is lm-eval's standard error of each score; the two models answer the same questions.",
+                "",
+                f"Command: `{command}`" if command else "",
+            ]
+        )
+        (staging / "results.json").write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
+        (staging / "results.md").write_text(markdown.rstrip() + "\n")
+        plot_comparison(rows, staging / "comparison.png", f"{attnres_label} vs {baseline_label or '—'}")
+        if card_text is not None and RESULTS_START in card_text:  # an AttnRes card made by `attnres convert`
+            (staging / "model_card.md").write_text(fill_results(card_text, rows, table, settings, attnres_label))
+        shutil.rmtree(staging / "lm_eval_tasks")
+        if output.exists():
+            shutil.rmtree(output)
+        os.replace(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        if opt_in_before is None:
+            os.environ.pop(OPT_IN_VARIABLE, None)
+        else:
+            os.environ[OPT_IN_VARIABLE] = opt_in_before
+    if update_model_card:
+        replacement = card_path.with_name(f".{card_path.name}.attnres-tmp")
+        shutil.copyfile(output / "model_card.md", replacement)
+        os.replace(replacement, card_path)
+    report["table"] = table
+    return report
+
+
+def _jsonable(value):
+    if isinstance(value, Path):
+        return str(value)
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    return repr(value)
