@@ -22,6 +22,7 @@ EPILOG = """examples:
       --output results/llama-1b
   attnres eval --model ./ckpt --tasks humaneval --allow-code-execution --output results/humaneval
   attnres eval-data ./eval-data                       # export the Hub datasets for offline --data-dir use
+  attnres train --model llama-1b-attnres --dataset corpus.jsonl --train attnres --output_dir healed --max_steps 500
 """
 
 
@@ -218,11 +219,22 @@ def build_parser() -> argparse.ArgumentParser:
     eval_data.add_argument("directory", type=Path, metavar="DIR")
     eval_data.add_argument("--tasks", default="mmlu,gpqa_diamond,humaneval,minerva_math")
     eval_data.set_defaults(handler=run_eval_data)
+
+    commands.add_parser(
+        "train",
+        aliases=["finetune"],
+        add_help=False,
+        help="heal a graft, fine-tune (AttnRes params / LoRA / all) or pre-train with Trainer; see `attnres train --help`",
+    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("train", "finetune"):  # Trainer's own flags: parsed by HfArgumentParser
+        from .training import main as train_main
+
+        return train_main(argv[1:])
     args = build_parser().parse_args(argv)
     args.command_line = shlex.join(["attnres", *argv])
     logging.basicConfig(level=os.environ.get("ATTNRES_LOG_LEVEL", "WARNING").upper(), format="%(message)s")

@@ -1,0 +1,290 @@
+# Copyright 2026 The attnres authors. Licensed under the Apache License, Version 2.0.
+"""`attnres train`: heal a grafted checkpoint, fine-tune an AttnRes model, or pre-train one from scratch, with Trainer.
+
+Everything is transformers' own machinery: flags are `TrainingArguments` (parsed by `HfArgumentParser`, so every
+Trainer option works: `--max_steps`, `--bf16`, `--gradient_checkpointing`, `--resume_from_checkpoint`, ...) plus
+the dataclasses below; progress bars, logging, checkpointing and distributed training are Trainer's. The same
+command runs unchanged under `torchrun` or `accelerate launch` (DDP; FSDP on GPUs through `--fsdp`).
+
+What is trained (`--train`):
+- `attnres`: only the AttnRes parameters (pseudo-queries and key norms), the cheapest way to heal a graft;
+- `lora`: LoRA adapters on the attention and MLP projections plus the AttnRes parameters in full;
+- `all`: every parameter (also what pre-training from scratch uses).
+The AttnRes parameters get their own learning rate (`--attn_res_learning_rate`) and no weight decay: the
+pseudo-queries start at zero, where the model equals its PreNorm source, and need larger steps than the rest.
+"""
+
+import logging
+import math
+import sys
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+from typing import Literal
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+)
+
+from .configuration_attnres import AttnResConfig
+from .modeling_attnres import AttnResForCausalLM
+from .peft_support import attnres_lora_config, is_attn_res_parameter
+
+
+logger = logging.getLogger(__name__)
+
+TEXT_FORMATS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class TrainingSetupError(ValueError):
+    """A model, dataset or option that cannot be trained as asked."""
+
+
+@dataclass
+class ModelArguments:
+    model: str | None = field(
+        default=None, metadata={"help": "AttnRes checkpoint (e.g. made by `attnres convert`) or Hub id to fine-tune"}
+    )
+    init_config: str | None = field(
+        default=None,
+        metadata={"help": "pre-train from scratch: an AttnResConfig JSON file (needs --tokenizer; --train all)"},
+    )
+    tokenizer: str | None = field(default=None, metadata={"help": "tokenizer (default: the one saved with --model)"})
+    train: Literal["attnres", "lora", "all"] = field(
+        default="attnres", metadata={"help": "attnres: AttnRes parameters only; lora: LoRA + AttnRes; all: everything"}
+    )
+    attn_res_learning_rate: float = field(
+        default=1e-3, metadata={"help": "learning rate of the AttnRes parameters (the rest use --learning_rate)"}
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    merge_lora: bool = field(
+        default=True, metadata={"help": "with --train lora: also save the merged model (the adapter goes to adapter/)"}
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(
+        metadata={"help": "text data: a .txt/.json/.jsonl/.parquet/.csv file, a directory of them, or a Hub dataset id"}
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name"})
+    text_column: str = field(default="text", metadata={"help": "column holding the text (.txt files: 'text')"})
+    block_size: int = field(default=512, metadata={"help": "tokens per training sequence (texts are concatenated)"})
+    validation_fraction: float = field(default=0.05, metadata={"help": "share of blocks held out for evaluation"})
+    max_blocks: int | None = field(default=None, metadata={"help": "use at most this many training blocks"})
+
+
+def load_text_dataset(data: DataArguments):
+    """A `datasets.Dataset` of texts from local files (through datasets' builders) or a Hub dataset."""
+    import datasets
+
+    path = Path(data.dataset).expanduser()
+    if path.exists():
+        files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in TEXT_FORMATS)
+        formats = {TEXT_FORMATS.get(p.suffix) for p in files}
+        if not files or None in formats:
+            raise TrainingSetupError(f"--dataset {path}: expected {', '.join(TEXT_FORMATS)} files")
+        if len(formats) > 1:
+            raise TrainingSetupError(f"--dataset {path}: mixes file formats {sorted(formats)}; use one")
+        builder = formats.pop()
+        kwargs = {"sample_by": "document"} if builder == "text" else {}
+        dataset = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **kwargs)
+    elif path.is_absolute() or data.dataset.startswith((".", "~")) or data.dataset.count("/") > 1:
+        raise TrainingSetupError(f"--dataset {data.dataset} does not exist (expected a file, directory or Hub id)")
+    else:
+        dataset = datasets.load_dataset(data.dataset, data.dataset_config, split="train")
+    if data.text_column not in dataset.column_names:
+        raise TrainingSetupError(
+            f"--dataset {data.dataset} has no column {data.text_column!r} (columns: {', '.join(dataset.column_names)}); "
+            "pass --text_column"
+        )
+    return dataset
+
+
+def tokenize_into_blocks(dataset, tokenizer, data: DataArguments, args: TrainingArguments):
+    """Tokenize, concatenate (with EOS between documents) and cut into `block_size` blocks, as run_clm.py does;
+    returns (train, validation or None)."""
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+    def tokenize(batch):
+        return {"input_ids": [ids + eos for ids in tokenizer(batch[data.text_column])["input_ids"]]}
+
+    def group(batch):
+        tokens = list(chain.from_iterable(batch["input_ids"]))
+        usable = len(tokens) // data.block_size * data.block_size
+        blocks = [tokens[i : i + data.block_size] for i in range(0, usable, data.block_size)]
+        return {"input_ids": blocks, "labels": [list(block) for block in blocks]}
+
+    with args.main_process_first(desc="tokenizing"):
+        tokenized = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, desc="tokenizing")
+        blocks = tokenized.map(group, batched=True, batch_size=1000, desc=f"grouping into {data.block_size}-token blocks")
+    if len(blocks) < 2:
+        raise TrainingSetupError(
+            f"--dataset {data.dataset} gives {len(blocks)} block(s) of {data.block_size} tokens; use more text or a "
+            "smaller --block_size"
+        )
+    validation = None
+    if data.validation_fraction > 0:
+        held_out = max(1, math.floor(len(blocks) * data.validation_fraction))
+        split = blocks.train_test_split(test_size=held_out, seed=args.seed, shuffle=True)
+        blocks, validation = split["train"], split["test"]
+    if data.max_blocks is not None:
+        blocks = blocks.select(range(min(data.max_blocks, len(blocks))))
+    return blocks, validation
+
+
+def load_model(model_args: ModelArguments, tokenizer):
+    """The model to train, in fp32 (`--bf16`/`--fp16` are Trainer's mixed precision), with `requires_grad` set (or
+    wrapped by PEFT) according to `--train`."""
+    if (model_args.model is None) == (model_args.init_config is None):
+        raise TrainingSetupError("give exactly one of --model (fine-tune) and --init_config (pre-train from scratch)")
+    if model_args.init_config is not None:
+        if model_args.train != "all":
+            raise TrainingSetupError("pre-training from scratch (--init_config) trains everything: pass --train all")
+        try:
+            config = AttnResConfig.from_json_file(model_args.init_config)
+        except (OSError, ValueError) as error:
+            raise TrainingSetupError(f"--init_config {model_args.init_config}: {error}") from error
+        if config.vocab_size < len(tokenizer):
+            raise TrainingSetupError(f"--init_config vocab_size {config.vocab_size} < the tokenizer's {len(tokenizer)}")
+        model = AttnResForCausalLM(config)
+    else:
+        try:
+            config = AutoConfig.from_pretrained(model_args.model, trust_remote_code=True)
+        except (OSError, ValueError) as error:
+            raise TrainingSetupError(f"--model {model_args.model}: cannot read its config ({error})") from error
+        if config.model_type != "attnres":
+            raise TrainingSetupError(
+                f"--model {model_args.model} is a {config.model_type!r} model, not AttnRes: graft it first with "
+                f"`attnres convert {model_args.model} DST`, then train DST"
+            )
+        model = AutoModelForCausalLM.from_pretrained(model_args.model, trust_remote_code=True, dtype=torch.float32)
+    if model_args.train == "lora":
+        from peft import get_peft_model
+
+        config = attnres_lora_config(
+            r=model_args.lora_r,
+            lora_alpha=model_args.lora_alpha,
+            lora_dropout=model_args.lora_dropout,
+            target_modules=LORA_TARGETS,
+        )
+        return get_peft_model(model, config)
+    for name, param in model.named_parameters():
+        param.requires_grad_(model_args.train == "all" or is_attn_res_parameter(name))
+    return model
+
+
+class AttnResTrainer(Trainer):
+    """Trainer whose optimizer gives the AttnRes parameters their own learning rate and no weight decay.
+
+    Overriding `create_optimizer` is Trainer's documented extension point; everything else (the optimizer class from
+    `--optim`, the scheduler, DeepSpeed/FSDP handling) stays Trainer's."""
+
+    def __init__(self, *args, attn_res_learning_rate: float, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.attn_res_learning_rate = attn_res_learning_rate
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is not None:
+            return self.optimizer
+        model = model if model is not None else self.model
+        decay = set(self.get_decay_parameter_names(model))
+        groups = {"attn_res": [], "decay": [], "no_decay": []}
+        for name, param in model.named_parameters():
+            if not param.requires_grad:
+                continue
+            key = "attn_res" if is_attn_res_parameter(name) else "decay" if name in decay else "no_decay"
+            groups[key].append(param)
+        parameter_groups = [
+            {"params": groups["attn_res"], "lr": self.attn_res_learning_rate, "weight_decay": 0.0},
+            {"params": groups["decay"], "weight_decay": self.args.weight_decay},
+            {"params": groups["no_decay"], "weight_decay": 0.0},
+        ]
+        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        self.optimizer = optimizer_cls([g for g in parameter_groups if g["params"]], **optimizer_kwargs)
+        return self.optimizer
+
+
+def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog="attnres train")
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def train(
+    model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
+) -> tuple[Trainer, dict]:
+    """Run one training job; returns the trainer and the metrics (train loss, validation loss before and after)."""
+    tokenizer_source = model_args.tokenizer or model_args.model
+    if tokenizer_source is None:
+        raise TrainingSetupError("--init_config needs --tokenizer (a tokenizer directory or Hub id)")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=True)
+    train_blocks, validation_blocks = tokenize_into_blocks(load_text_dataset(data_args), tokenizer, data_args, training_args)
+    model = load_model(model_args, tokenizer)
+    trainer = AttnResTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_blocks,
+        eval_dataset=validation_blocks,
+        data_collator=default_data_collator,
+        processing_class=tokenizer,
+        attn_res_learning_rate=model_args.attn_res_learning_rate,
+    )
+    metrics: dict = {"trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    if validation_blocks is not None:
+        # Trainer's own step-0 evaluation. (Calling trainer.evaluate() before train() would be simpler, but in
+        # transformers 5.23 it keeps train() from wrapping the model in DDP: ranks then silently diverge.)
+        training_args.eval_on_start = True
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    metrics["train_loss"] = result.training_loss
+    if validation_blocks is not None:
+        first_eval = next((log for log in trainer.state.log_history if "eval_loss" in log), None)
+        if first_eval is not None and first_eval.get("step") == 0:
+            metrics["validation_loss_before"] = first_eval["eval_loss"]
+        metrics["validation_loss_after"] = trainer.evaluate()["eval_loss"]
+    save_final(trainer, model_args, training_args)
+    trainer.log_metrics("attnres", metrics)
+    return trainer, metrics
+
+
+def save_final(trainer: Trainer, model_args: ModelArguments, training_args: TrainingArguments) -> None:
+    """Save the trained model to `--output_dir`: a full checkpoint (with the remote-code files) or, for LoRA, the
+    adapter under `adapter/` and, with `--merge_lora`, the merged model beside it."""
+    output = Path(training_args.output_dir)
+    if model_args.train != "lora":
+        trainer.save_model(str(output))
+        return
+    trainer.save_model(str(output / "adapter"))
+    if model_args.merge_lora and trainer.is_world_process_zero():
+        merged = trainer.model.merge_and_unload()
+        merged.save_pretrained(output)
+        trainer.processing_class.save_pretrained(output)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    model_args, data_args, training_args = parse_arguments(argv)
+    try:
+        _, metrics = train(model_args, data_args, training_args)
+    except TrainingSetupError as error:
+        print(f"attnres train: error: {error}", file=sys.stderr)
+        return 1
+    if "validation_loss_before" in metrics:
+        print(
+            f"validation loss {metrics['validation_loss_before']:.4f} -> {metrics['validation_loss_after']:.4f} "
+            f"({metrics['trainable_parameters']:,} trainable parameters)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
