@@ -126,12 +126,18 @@ def main(args) -> None:
     print(f"step 0: {step0}")
 
     healing = {}
-    healing["control: LoRA on the source"] = heal(lora(source_model, args.lora_r, False), train_blocks, held_out, args, "control", work)
-    for name, param in graft_model.named_parameters():
-        param.requires_grad_(is_attn_res_parameter(name))
-    healing["AttnRes parameters only"] = heal(graft_model, train_blocks, held_out, args, "attnres", work)
-    graft_model = AutoModelForCausalLM.from_pretrained(grafted, dtype=torch.float32, trust_remote_code=True)
-    healing["AttnRes + LoRA"] = heal(lora(graft_model, args.lora_r, True), train_blocks, held_out, args, "attnres-lora", work)
+    runs = set(args.runs.split(","))
+    if "control" in runs:
+        control = lora(source_model, args.lora_r, False)
+        healing["control: LoRA on the source"] = heal(control, train_blocks, held_out, args, "control", work)
+    if "attnres" in runs:
+        for name, param in graft_model.named_parameters():
+            param.requires_grad_(is_attn_res_parameter(name))
+        healing["AttnRes parameters only"] = heal(graft_model, train_blocks, held_out, args, "attnres", work)
+    if "attnres-lora" in runs:
+        graft_model = AutoModelForCausalLM.from_pretrained(grafted, dtype=torch.float32, trust_remote_code=True)
+        both = lora(graft_model, args.lora_r, True)
+        healing["AttnRes + LoRA"] = heal(both, train_blocks, held_out, args, "attnres-lora", work)
 
     report = {
         "settings": {key: str(value) for key, value in vars(args).items()},
@@ -154,8 +160,8 @@ def main(args) -> None:
         report["humaneval"] = {"comparison": evaluation["comparison"], "seconds": time.perf_counter() - start,
                                "max_gen_toks": args.max_gen_toks}  # fmt: skip
     args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "smollm2.json").write_text(json.dumps(report, indent=2) + "\n")
-    (args.output / "smollm2.md").write_text(markdown(report) + "\n")
+    (args.output / f"{args.name}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.output / f"{args.name}.md").write_text(markdown(report) + "\n")
     print(markdown(report))
 
 
@@ -170,7 +176,9 @@ def markdown(report: dict) -> str:
         f"{'identical' if step0['greedy_identical'] else 'DIFFERENT'}.",
         "",
         f"Healing ({report['settings']['steps']} steps × {report['settings']['batch_size']} × "
-        f"{report['settings']['block_size']} tokens, same data and order for every run):",
+        f"{report['settings']['block_size']} tokens, same data and order for every run; LoRA r "
+        f"{report['settings']['lora_r']} on all projections, lr {report['settings']['learning_rate']}; AttnRes "
+        f"parameters lr {report['settings']['attn_res_learning_rate']}):",
         "",
         "| run | trainable parameters | held-out loss before | after | s/step |",
         "|---|---:|---:|---:|---:|",
@@ -194,10 +202,12 @@ if __name__ == "__main__":
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--held-out-blocks", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=2e-4)
-    parser.add_argument("--attn-res-learning-rate", type=float, default=2e-3)
+    parser.add_argument("--attn-res-learning-rate", type=float, default=1e-4)
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--max-gen-toks", type=int, default=128)
     parser.add_argument("--skip-humaneval", action="store_true")
+    parser.add_argument("--runs", default="control,attnres,attnres-lora", help="healing runs to do")
+    parser.add_argument("--name", default="smollm2", help="result file name")
     parser.add_argument("--work-dir", type=Path, default=Path("/tmp/attnres-smollm2"))
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results")
     main(parser.parse_args())

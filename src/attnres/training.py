@@ -10,8 +10,11 @@ What is trained (`--train`):
 - `attnres`: only the AttnRes parameters (pseudo-queries and key norms), the cheapest way to heal a graft;
 - `lora`: LoRA adapters on the attention and MLP projections plus the AttnRes parameters in full;
 - `all`: every parameter (also what pre-training from scratch uses).
-The AttnRes parameters get their own learning rate (`--attn_res_learning_rate`) and no weight decay: the
-pseudo-queries start at zero, where the model equals its PreNorm source, and need larger steps than the rest.
+The AttnRes parameters get their own learning rate (`--attn_res_learning_rate`, default 1e-4) and no weight decay.
+They start at zero, where a graft equals its PreNorm source, and they are sensitive: a depth logit is a sum over all
+`hidden_size` coordinates of the query, and Adam moves every coordinate by about the learning rate per step. On
+SmolLM2-135M (hidden 576), 2e-3 made the held-out loss worse within 30 steps, while 1e-4 improved it
+(benchmarks/results/smollm2*.md).
 """
 
 import logging
@@ -62,7 +65,7 @@ class ModelArguments:
         default="attnres", metadata={"help": "attnres: AttnRes parameters only; lora: LoRA + AttnRes; all: everything"}
     )
     attn_res_learning_rate: float = field(
-        default=1e-3, metadata={"help": "learning rate of the AttnRes parameters (the rest use --learning_rate)"}
+        default=1e-4, metadata={"help": "learning rate of the AttnRes parameters (the rest use --learning_rate)"}
     )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha"})
