@@ -36,7 +36,7 @@ def eval_args(workspace, output, *extra):
     root, baseline, attnres, data = workspace
     return [
         "eval", "--model", str(attnres), "--baseline", str(baseline), "--data-dir", str(data),
-        "--output", str(output), "--cache-dir", str(root / "cache"), "--device", "cpu", "--dtype", "float32",
+        "--output", str(output), "--cache-dir", str(root / "cache"), "--dtype", "float32",  # default device
         "--batch-size", "4", "--max-gen-toks", "12", *extra,
     ]  # fmt: skip
 

@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--num-fewshot", help="N for every task, or TASK=N,... (default: mmlu 5, minerva_math 4, others 0)")
     evaluate.add_argument("--limit", type=int, help="only the first N documents of each subtask (quick checks)")
     evaluate.add_argument("--batch-size", default="auto", help="an integer or 'auto' (lm-eval's)")
-    evaluate.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: lm-eval's choice)")
+    evaluate.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda, else mps, else cpu)")
     evaluate.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     evaluate.add_argument("--max-gen-toks", type=int, help="cap generation length (HumanEval, Minerva)")
     evaluate.add_argument("--data-dir", type=Path, help="local task data (layout: attnres.eval_tasks docstring)")

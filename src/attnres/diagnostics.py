@@ -66,7 +66,7 @@ def collect(model, input_ids: torch.Tensor, label: str) -> Diagnostics:
         grads = [p.grad for name, p in layer.named_parameters() if p.grad is not None and not is_attn_res_parameter(name)]
         grad_norms.append(math.sqrt(sum(float(g.float().pow(2).sum()) for g in grads)))
     model.zero_grad(set_to_none=True)
-    result = Diagnostics(label, rms, grad_norms, float(outputs.loss), int(input_ids.numel()))
+    result = Diagnostics(label, rms, grad_norms, float(outputs.loss.detach()), int(input_ids.numel()))
     if is_attnres:
         sources = config.depth_sources()
         result.source_names = [name.removesuffix(" (partial)") for name in sources[-1]]

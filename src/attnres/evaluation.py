@@ -77,6 +77,15 @@ def model_fingerprint(model: str, dtype: str) -> str:
     return digest.hexdigest()[:16]
 
 
+def default_device() -> str:
+    """The first accelerator available, else the CPU (lm-eval's own default is "cuda", which fails without one)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    return "mps" if torch.backends.mps.is_available() else "cpu"
+
+
 def evaluate_model(
     model: str,
     prepared: PreparedTasks,
@@ -100,8 +109,8 @@ def evaluate_model(
         trust_remote_code=True,
         backend="causal",
         dtype=dtype,
-        device=device,
         batch_size=batch_size,
+        device=device or default_device(),
     )
     cache = None
     if cache_dir is not None:
