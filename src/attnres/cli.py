@@ -76,6 +76,7 @@ def run_diagnostics(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .diagnostics import collect, format_diagnostics, plot_depth_attention, plot_magnitudes
+    from .output_dirs import replace_directory
 
     if not args.text.is_file():
         raise UserError(f"--text {args.text} is not a file")
@@ -99,9 +100,7 @@ def run_diagnostics(args: argparse.Namespace) -> int:
         losses = ", ".join(f"{run.label} {run.loss:.4f}" for run in runs)
         (staging / "diagnostics.md").write_text(f"{input_ids.shape[1]} tokens of {args.text.name}; loss: {losses}\n\n{table}\n")
         (staging / "diagnostics.json").write_text(json.dumps([run.to_dict() for run in runs], indent=2) + "\n")
-        if args.output.exists():
-            args.output.rmdir()
-        staging.rename(args.output)
+        replace_directory(staging, args.output)
     except BaseException:
         import shutil
 

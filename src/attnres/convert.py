@@ -16,7 +16,6 @@ import math
 import os
 import shutil
 import tempfile
-import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +31,7 @@ from .configuration_attnres import AttnResConfig
 from .families import SUPPORTED_FAMILIES, attnres_config_kwargs, unsupported_message
 from .model_card import render_model_card, source_license
 from .modeling_attnres import AttnResForCausalLM
+from .output_dirs import replace_directory
 
 
 logger = logging.getLogger(__name__)
@@ -366,22 +366,6 @@ def first_missing_ancestor(path: Path) -> Path | None:
     while not path.exists():
         missing, path = path, path.parent
     return missing
-
-
-def replace_directory(new: Path, destination: Path) -> None:
-    """Move `new` to `destination`; an existing destination is only removed once the new one is in place."""
-    backup = None
-    if destination.exists():
-        backup = destination.with_name(f".{destination.name}.replaced-{uuid.uuid4().hex[:8]}")
-        destination.rename(backup)
-    try:
-        new.rename(destination)
-    except BaseException:
-        if backup is not None:
-            backup.rename(destination)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup)
 
 
 # --- writing ---------------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .model_card import RESULTS_START, fill_results
+from .output_dirs import replace_directory
 from .eval_tasks import (
     SUITE,
     BenchmarkTask,
@@ -342,9 +343,7 @@ def run_eval(
         if card_text is not None and RESULTS_START in card_text:  # an AttnRes card made by `attnres convert`
             (staging / "model_card.md").write_text(fill_results(card_text, rows, table, settings, attnres_label))
         shutil.rmtree(staging / "lm_eval_tasks")
-        if output.exists():
-            shutil.rmtree(output)
-        os.replace(staging, output)
+        replace_directory(staging, output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
