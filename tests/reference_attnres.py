@@ -52,7 +52,6 @@ def final_sources(outputs: list[torch.Tensor], embedding: torch.Tensor, config) 
     return [embedding] + [sum(outputs[k * block_sublayers : (k + 1) * block_sublayers]) for k in range(num_blocks)]
 
 
-@torch.no_grad()
 def reference_logits(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Logits of an AttnResForCausalLM (block or full mode, eager attention, no padding) computed the naive way,
     and the depth-attention weights of every aggregation, each `(batch, seq, num_sources)`."""

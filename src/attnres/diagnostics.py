@@ -8,6 +8,9 @@
 - **Gradient magnitude per layer**: the L2 norm of the LM loss gradient over each decoder layer's weights (its
   AttnRes parameters excluded, so that AttnRes and standard models are compared on the same weights).
 
+- **Training-step memory**: the bytes a training step holds for its backward pass and its peak (`step_memory`),
+  the measure of the paper's O(N·d) claim for Block AttnRes.
+
 The same measurements work for any causal LM whose `output_hidden_states` returns each layer's input (Llama,
 Mistral, Qwen, AttnRes), so a standard model can be shown side by side with its AttnRes counterpart.
 """
@@ -76,6 +79,31 @@ def collect(model, input_ids: torch.Tensor, label: str) -> Diagnostics:
             mean = weights.detach().float().mean(dim=(0, 1)).tolist()
             result.depth_attention.append(mean + [math.nan] * (len(result.source_names) - len(mean)))
     return result
+
+
+def step_memory(model, input_ids: torch.Tensor) -> tuple[int, int]:
+    """`(held, peak)` bytes of one training step (LM loss on `input_ids`, forward and backward): what the forward
+    pass allocated and still holds when the backward starts (the activation memory, including buffers that
+    autograd's saved-tensor hooks do not see), and the peak above the starting point over the whole step.
+
+    Read from the profiler's per-operation allocation records, so it works on the CPU, which keeps no allocator
+    statistics (on a GPU, `torch.cuda.max_memory_allocated` is the direct measure). A temporary that one operation
+    allocates and frees itself is not seen."""
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as profile:
+        loss = model(input_ids, labels=input_ids).loss
+        with torch.profiler.record_function("backward"):
+            loss.backward()
+    events = profile.events()
+    backward_start = next(event.time_range.start for event in events if event.name == "backward")
+    allocations = sorted((e.time_range.start, e.self_cpu_memory_usage) for e in events if e.self_cpu_memory_usage)
+    current = peak = held = 0
+    for start, size in allocations:
+        current += size
+        peak = max(peak, current)
+        if start < backward_start:
+            held = current
+    return held, peak
 
 
 def plot_depth_attention(diagnostics: Diagnostics, path: Path) -> None:

@@ -238,10 +238,14 @@ class AttnResAttention(nn.Module):
         return attn_output, attn_weights
 
 
-def as_float32(tensor: torch.Tensor) -> torch.Tensor:
-    # A plain `.float()` on an fp32 tensor is a no-op that still costs a dispatch; in decoding, where every tensor
+def cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # `.to(dtype)` to the tensor's own dtype is a no-op that still costs a dispatch; in decoding, where every tensor
     # here is one token wide, dispatches are the cost.
-    return tensor if tensor.dtype == torch.float32 else tensor.float()
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
+
+
+def as_float32(tensor: torch.Tensor) -> torch.Tensor:
+    return cast(tensor, torch.float32)
 
 
 class AttnResPseudoQuery(nn.Module):
@@ -260,8 +264,8 @@ class AttnResPseudoQuery(nn.Module):
         self.weight = nn.Parameter(torch.empty(1, hidden_size))
 
     def forward(self) -> torch.Tensor:
-        """The query vector in fp32, `(hidden,)`."""
-        return as_float32(self.weight).squeeze(0)
+        """The query in fp32, `(1, hidden)`."""
+        return as_float32(self.weight)
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.weight.shape[-1]}"
@@ -293,31 +297,117 @@ def inverse_rms(hidden_states: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.rsqrt((norm * norm).mul_(1 / hidden_states.shape[-1]).add_(eps))
 
 
-def attend_over_sources(
-    sources: torch.Tensor, sources_inv_rms: torch.Tensor, queries: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def depth_attention(
+    sources: torch.Tensor, sources_inv_rms: torch.Tensor, queries: torch.Tensor, num_sources: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Phase 1 of the paper's two-phase computation (§4.2, Algorithm 1): softmax attention of several pseudo-queries
-    over the completed sources at once, returning each query's softmax statistics so the running partial sum can be
-    merged in afterwards. Each source is read twice (logits, then the weighted sum), whatever the number of queries.
+    over the first `num_sources` completed sources at once, returning each query's softmax statistics so that the
+    running partial sum can be merged in afterwards. Each source is read twice (logits, then the weighted sum),
+    whatever the number of queries.
 
     Args:
-        sources (`torch.Tensor` of shape `(num_sources, batch, seq, hidden)`): the completed sources `v_i`.
-        sources_inv_rms (`torch.Tensor` of shape `(num_sources, batch, seq)`): `1 / rms(v_i)`, fp32.
+        sources (`torch.Tensor` of shape `(max_sources, batch, seq, hidden)`): the sources buffer `v_i`.
+        sources_inv_rms (`torch.Tensor` of shape `(max_sources, batch, seq)`): `1 / rms(v_i)`, fp32.
         queries (`torch.Tensor` of shape `(num_queries, hidden)`): `w ⊙ γ` of each aggregation, fp32.
 
     Returns:
         `outputs` `(batch, seq, num_queries, hidden)`: `Σ_i softmax_i(logits) v_i` in the sources' dtype;
-        `logsumexp` `(batch, seq, num_queries)` and `logits` `(num_sources, batch, seq, num_queries)`, fp32.
+        `logsumexp` `(batch, seq, num_queries)`, and `logits` and `probabilities` `(num_sources, batch, seq,
+        num_queries)`, fp32.
     """
-    sources32 = as_float32(sources)
-    logits = torch.matmul(sources32, queries.t()) * sources_inv_rms.unsqueeze(-1)
+    _, batch, seq, hidden = sources.shape
+    stack = as_float32(sources[:num_sources])
+    logits = torch.matmul(stack, queries.t()) * sources_inv_rms[:num_sources].unsqueeze(-1)
     probabilities = torch.softmax(logits, dim=0)
     # p_max = exp(max(logits) - logsumexp) lies in [1/num_sources, 1], so this is exact and never overflows, in a
     # third of the operations of torch.logsumexp (which matter when decoding one token at a time)
     logsumexp = logits.amax(dim=0) - probabilities.amax(dim=0).log()
-    # (batch, seq, queries, sources) @ (batch, seq, sources, hidden): a strided view, no copy of the sources
-    outputs = torch.matmul(probabilities.permute(1, 2, 3, 0), sources32.permute(1, 2, 0, 3))
-    return outputs.to(sources.dtype), logsumexp, logits
+    # one (queries x sources) @ (sources x hidden) product per token, on strided views: BLAS reads them in place
+    outputs = torch.bmm(
+        probabilities.view(num_sources, batch * seq, -1).permute(1, 2, 0),
+        stack.view(num_sources, batch * seq, hidden).transpose(0, 1),
+    )
+    return cast(outputs.view(batch, seq, -1, hidden), sources.dtype), logsumexp, logits, probabilities
+
+
+class DepthAttentionFunction(torch.autograd.Function):
+    """`depth_attention` with a hand-written backward that keeps no copy of the sources.
+
+    Autograd would save each block's `(num_sources, batch, seq, hidden)` slice for its backward: O(N²·d) per token
+    over N blocks, where the paper's Block AttnRes needs O(N·d). This function saves only the small softmax
+    probabilities and reads the sources back from the shared buffer. The buffer is held as a plain reference rather
+    than through `save_for_backward`, whose version check would reject the later commits into it; those commits only
+    write slots at or beyond `num_sources`, which this backward never reads (see `CommitSourceFunction`).
+    """
+
+    @staticmethod
+    def forward(ctx, sources, sources_inv_rms, queries, num_sources):
+        outputs, logsumexp, logits, probabilities = depth_attention(sources, sources_inv_rms, queries, num_sources)
+        ctx.sources, ctx.sources_inv_rms, ctx.num_sources = sources, sources_inv_rms, num_sources
+        ctx.save_for_backward(queries, logits, probabilities)
+        return outputs, logsumexp, logits
+
+    @staticmethod
+    def backward(ctx, grad_outputs, grad_logsumexp, grad_logits):
+        queries, logits, probabilities = ctx.saved_tensors
+        sources, sources_inv_rms, count = ctx.sources, ctx.sources_inv_rms, ctx.num_sources
+        _, batch, seq, hidden = sources.shape
+        tokens, num_queries = batch * seq, queries.shape[0]
+        stack = as_float32(sources[:count]).view(count, tokens, hidden)
+        inv_rms = sources_inv_rms[:count].view(count, tokens, 1)
+        probabilities = probabilities.view(count, tokens, num_queries)
+
+        # gradients of the logits: through the weighted sum (softmax backward), the log-sum-exp, and directly
+        grad_logits = torch.zeros_like(probabilities) if grad_logits is None else grad_logits.reshape(probabilities.shape)
+        grad_mix = None
+        if grad_outputs is not None:
+            grad_outputs = as_float32(grad_outputs).reshape(tokens, num_queries, hidden)
+            grad_probabilities = torch.bmm(grad_outputs, stack.permute(1, 2, 0)).permute(2, 0, 1)
+            centred = grad_probabilities - (probabilities * grad_probabilities).sum(0, keepdim=True)
+            grad_logits = torch.addcmul(grad_logits, probabilities, centred)
+            grad_mix = torch.bmm(probabilities.permute(1, 0, 2), grad_outputs).transpose(0, 1)  # Σ_q p ⋅ g
+        if grad_logsumexp is not None:
+            grad_logits = torch.addcmul(grad_logits, probabilities, grad_logsumexp.view(1, tokens, num_queries))
+        grad_scores = grad_logits * inv_rms  # logits = (v · q) / rms(v)
+
+        grad_queries = None
+        if ctx.needs_input_grad[2]:
+            grad_queries = torch.mm(grad_scores.view(-1, num_queries).t(), stack.reshape(-1, hidden))
+        grad_sources = grad_inv_rms = None
+        if ctx.needs_input_grad[0]:
+            grad_stack = torch.mm(grad_scores.view(-1, num_queries), queries).view(count, tokens, hidden)
+            if grad_mix is not None:
+                grad_stack += grad_mix
+            grad_sources = sources.new_zeros(sources.shape)
+            grad_sources[:count] = grad_stack.view(count, batch, seq, hidden)
+        if ctx.needs_input_grad[1]:
+            grad_inv_rms = sources_inv_rms.new_zeros(sources_inv_rms.shape)
+            grad_inv_rms[:count] = ((grad_logits * logits.view_as(grad_logits)).sum(-1) / inv_rms.squeeze(-1)).view(
+                count, batch, seq
+            )
+        return grad_sources, grad_inv_rms, grad_queries, None
+
+
+def attend_over_sources(
+    sources: torch.Tensor, sources_inv_rms: torch.Tensor, queries: torch.Tensor, num_sources: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Phase 1 over the first `num_sources` sources (see `depth_attention`): `(outputs, logsumexp, logits)`.
+
+    Eager autograd goes through `DepthAttentionFunction`; `torch.compile` traces the plain operations instead (its
+    functionalisation turns the buffer writes into copies, and the compiler plans the saved memory itself)."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        return DepthAttentionFunction.apply(sources, sources_inv_rms, queries, num_sources)
+    return depth_attention(sources, sources_inv_rms, queries, num_sources)[:3]
+
+
+def reads_by_query(
+    phase_one: tuple[torch.Tensor, torch.Tensor, torch.Tensor], queries: torch.Tensor, weights: bool
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+    """Split phase 1's outputs into one `(output, logsumexp, logits or None, query)` per aggregation (views, a few
+    dispatches per block rather than several per sublayer); the logits are kept only to report depth weights."""
+    outputs, logsumexp, logits = phase_one
+    all_logits = logits.unbind(-1) if weights else [None] * queries.shape[0]
+    return list(zip(outputs.unbind(-2), logsumexp.unbind(-1), all_logits, queries.unbind(0)))
 
 
 def merge_partial_sum(
@@ -334,27 +424,55 @@ def merge_partial_sum(
     logit = torch.matmul(partial32, query) * inverse_rms(partial32, eps)
     weight = torch.sigmoid(logit - logsumexp)
     merged = torch.lerp(as_float32(output), partial32, weight.unsqueeze(-1))
-    return merged.to(partial_sum.dtype), weight
+    return cast(merged, partial_sum.dtype), weight
+
+
+class CommitSourceFunction(torch.autograd.Function):
+    """Write a source and its `1 / rms` into slot `index` of the shared buffers, for autograd.
+
+    Each source is stored once and every phase 1 reads it from there (O(N·d) per token). The backward hands slot
+    `index` of the buffers' gradient to the source and the rest on to the earlier commits; the buffers start as
+    uninitialised memory that nothing reads before its slot is written, so no gradient flows past the first commit.
+
+    The write is hidden from autograd's version counter. Activation checkpointing saves the buffers as every layer's
+    input and would otherwise reject each later commit, although a commit only fills a slot that nothing has read
+    yet: every reader (`DepthAttentionFunction`, checkpointed layers) reads only slots written before it ran.
+    """
+
+    @staticmethod
+    def forward(ctx, sources, sources_inv_rms, source, source_inv_rms, index):
+        with torch.autograd._unsafe_preserve_version_counter((sources, sources_inv_rms)):
+            sources[index] = source
+            sources_inv_rms[index] = source_inv_rms
+        ctx.index = index
+        return sources, sources_inv_rms
+
+    @staticmethod
+    def backward(ctx, grad_sources, grad_inv_rms):
+        grad_source = None if grad_sources is None else grad_sources[ctx.index]
+        grad_source_inv_rms = None if grad_inv_rms is None else grad_inv_rms[ctx.index]
+        return grad_sources, grad_inv_rms, grad_source, grad_source_inv_rms, None
 
 
 def commit_source(
-    sources: torch.Tensor | None, sources_inv_rms: torch.Tensor | None, source: torch.Tensor, index: int, eps: float
+    sources: torch.Tensor, sources_inv_rms: torch.Tensor, source: torch.Tensor, index: int, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Make `source` (a finished block sum, the embedding, or in full mode a sublayer output) completed source number
-    `index`, with its `1 / rms` computed here once for every aggregation that will read it.
+    `index` of the buffers, with its `1 / rms` computed here once for every aggregation that will read it.
 
-    Without autograd the model preallocates the sources, and the source is written into its slot: every source is
-    copied exactly once. With autograd the sources grow by concatenation (autograd forbids writing into a tensor that
-    earlier reads saved for the backward pass).
-    """
+    Without autograd the buffers are written in place; eager autograd goes through `CommitSourceFunction`;
+    `torch.compile` traces an out-of-place write, which the compiler may turn back into an in-place one."""
     source_inv_rms = inverse_rms(source, eps)
-    if sources is not None and sources.shape[0] > index:
+    if not torch.is_grad_enabled():
         sources[index] = source
         sources_inv_rms[index] = source_inv_rms
         return sources, sources_inv_rms
-    if sources is None:
-        return source.unsqueeze(0), source_inv_rms.unsqueeze(0)
-    return torch.cat([sources, source.unsqueeze(0)]), torch.cat([sources_inv_rms, source_inv_rms.unsqueeze(0)])
+    if torch.compiler.is_compiling():
+        return (
+            sources.slice_scatter(source.unsqueeze(0), start=index, end=index + 1),
+            sources_inv_rms.slice_scatter(source_inv_rms.unsqueeze(0), start=index, end=index + 1),
+        )
+    return CommitSourceFunction.apply(sources, sources_inv_rms, source, source_inv_rms, index)
 
 
 def depth_weights(logits: torch.Tensor, logsumexp: torch.Tensor, partial_weight: torch.Tensor | None) -> torch.Tensor:
@@ -370,9 +488,10 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
     """One attention and one MLP sublayer, each reading its input through an AttnRes aggregation.
 
     The residual state travels between layers as three tensors: the running partial sum of the current block, the
-    completed sources stacked as `(num_sources, batch, seq, hidden)` (the token embedding, completed block sums, or in
-    full mode every sublayer output) and their `1 / rms`. They are positional arguments and flat outputs so that
-    activation checkpointing (reentrant or not) tracks their gradients and accelerate's device hooks move them. In
+    buffer of completed sources `(num_sources, batch, seq, hidden)` (the token embedding, completed block sums, or in
+    full mode every sublayer output) and their `1 / rms`. They are positional arguments so that activation
+    checkpointing (reentrant or not) tracks their gradients and accelerate's device hooks move them. A layer never
+    writes the buffer: the model commits sources between layers, so a checkpointed layer's inputs stay unchanged. In
     `"standard"` mode there are no sources and the partial sum is the PreNorm residual stream.
 
     The model commits the partial sum before a layer whose attention starts a block, and usually computes phase 1
@@ -398,8 +517,8 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = AttnResRMSNorm(config.hidden_size, eps=attention_eps)
         self.post_attention_layernorm = AttnResRMSNorm(config.hidden_size, eps=mlp_eps)
 
-        # Block mode commits the partial sum before the attention of layers 0, B, 2B, ... (done by the model); full
-        # mode before every sublayer (the MLP's commit, of the attention output, is done here after the MLP read it).
+        # Block mode commits the partial sum before the attention of layers 0, B, 2B, ...; full mode before every
+        # sublayer (the attention output is handed back to the model, which commits it after the MLP read it).
         self.attention_starts_block = config.sublayer_starts_block(2 * layer_idx)
         self.mlp_starts_block = config.sublayer_starts_block(2 * layer_idx + 1)
         attention_sources = len(depth_sources[2 * layer_idx])
@@ -413,7 +532,7 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
 
     def pseudo_queries(self) -> torch.Tensor:
         """The two aggregations' `w ⊙ γ`, `(2, hidden)` fp32 (attention first)."""
-        return torch.stack(
+        return torch.cat(
             [
                 self.self_attention_res_norm(self.self_attention_res_proj()),
                 self.mlp_res_norm(self.mlp_res_proj()),
@@ -425,7 +544,7 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         partial_sum: torch.Tensor | None,
         sources: torch.Tensor | None = None,
         sources_inv_rms: torch.Tensor | None = None,
-        inter_block: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        inter_block: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]] | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
@@ -434,12 +553,13 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         return_depth_attentions: bool = False,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor | None, ...]:
-        """`partial_sum` is `None` right after a commit. `inter_block` is this layer's slice of the block's phase 1
-        (`attend_over_sources` outputs for its two queries), or `None` to compute it here.
+        """`partial_sum` is `None` right after a commit. `inter_block` is this layer's two reads of its block's phase
+        1 (see `reads_by_query`; attention first), or `None` to compute them here.
 
-        Returns `(partial_sum, sources, sources_inv_rms, layer_input, attention_depth_weights, mlp_depth_weights)`:
-        `layer_input` is the hidden state entering the attention sublayer (reported as this layer's
-        `hidden_states` entry); the depth weights are `None` unless `return_depth_attentions`."""
+        Returns `(partial_sum, attention_output, layer_input, attention_depth_weights, mlp_depth_weights)`:
+        `attention_output` is the source the model must commit next (full mode) or `None`; `layer_input` is the
+        hidden state entering the attention sublayer (reported as this layer's `hidden_states` entry); the depth
+        weights are `None` unless `return_depth_attentions`."""
         sublayer_kwargs = dict(
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -454,42 +574,38 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
             hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(partial_sum), **sublayer_kwargs)
             partial_sum = partial_sum + hidden_states
             partial_sum = partial_sum + self.mlp(self.post_attention_layernorm(partial_sum))
-            return partial_sum, None, None, layer_input, None, None
+            return partial_sum, None, layer_input, None, None
 
-        queries = self.pseudo_queries()
         if inter_block is None:
-            completed = self.num_completed_sources
-            inter_block = attend_over_sources(sources[:completed], sources_inv_rms[:completed], queries)
-        read = dict(inter_block=inter_block, queries=queries, weights=return_depth_attentions)
+            queries = self.pseudo_queries()
+            phase_one = attend_over_sources(sources, sources_inv_rms, queries, self.num_completed_sources)
+            inter_block = reads_by_query(phase_one, queries, return_depth_attentions)
+        attention_read, mlp_read = inter_block
 
-        layer_input, attention_weights = self._read_input(partial_sum, index=0, **read)
+        layer_input, attention_weights = self._read_input(partial_sum, attention_read, return_depth_attentions)
         hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(layer_input), **sublayer_kwargs)
         partial_sum = hidden_states if partial_sum is None else partial_sum + hidden_states
 
-        hidden_states, mlp_weights = self._read_input(partial_sum, index=1, **read)
+        hidden_states, mlp_weights = self._read_input(partial_sum, mlp_read, return_depth_attentions)
+        attention_output = None
         if self.mlp_starts_block:  # full mode: the attention output becomes a source of its own
-            sources, sources_inv_rms = commit_source(
-                sources, sources_inv_rms, partial_sum, self.num_completed_sources, self.rms_norm_eps
-            )
-            partial_sum = None
+            attention_output, partial_sum = partial_sum, None
         hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
         partial_sum = hidden_states if partial_sum is None else partial_sum + hidden_states
-        return partial_sum, sources, sources_inv_rms, layer_input, attention_weights, mlp_weights
+        return partial_sum, attention_output, layer_input, attention_weights, mlp_weights
 
-    def _read_input(self, partial_sum, index: int, inter_block, queries, weights: bool):
-        """The input of one sublayer from phase 1 (and the phase-2 merge when a partial sum is open), and, if
-        `weights`, its depth weights over `config.depth_sources()`."""
-        outputs, logsumexp, logits = inter_block
+    def _read_input(self, partial_sum, read, weights: bool):
+        """The input of one sublayer from its phase-1 `read` (see `reads_by_query`), merged with the partial sum when
+        one is open (phase 2), and, if `weights`, its depth weights over `config.depth_sources()`."""
+        output, logsumexp, logits, query = read
         partial_weight = None
         if partial_sum is None:
-            hidden_states = outputs[..., index, :]
+            hidden_states = output
         else:
-            hidden_states, partial_weight = merge_partial_sum(
-                outputs[..., index, :], logsumexp[..., index], partial_sum, queries[index], self.rms_norm_eps
-            )
+            hidden_states, partial_weight = merge_partial_sum(output, logsumexp, partial_sum, query, self.rms_norm_eps)
         if not weights:
             return hidden_states, None
-        return hidden_states, depth_weights(logits[..., index], logsumexp[..., index], partial_weight)
+        return hidden_states, depth_weights(logits, logsumexp, partial_weight)
 
 
 class AttnResPreTrainedModel(PreTrainedModel):
@@ -642,8 +758,8 @@ class AttnResModel(AttnResPreTrainedModel):
             **kwargs,
         )
         partial_sum, sources, sources_inv_rms = inputs_embeds, None, None
-        if self.config.residual_mode != "standard" and not torch.is_grad_enabled():
-            # Without autograd the sources are written into one buffer as they complete: no source is copied twice.
+        if self.config.residual_mode != "standard":
+            # The sources are written into one buffer as they complete: each is stored, and copied, exactly once.
             sources = inputs_embeds.new_empty(self.num_completed_sources, *inputs_embeds.shape)
             sources_inv_rms = inputs_embeds.new_empty(sources.shape[:-1], dtype=torch.float32)
         # Under activation checkpointing each layer recomputes its own phase 1; otherwise a block shares one.
@@ -651,7 +767,7 @@ class AttnResModel(AttnResPreTrainedModel):
         all_hidden_states: list[torch.Tensor] = []
         all_depth_attentions: list[torch.Tensor] = []
         for group in self.layer_groups:
-            inter_block = None
+            reads = None
             # CODEPATH: AttnRes modes: commit the finished block (or, in full mode, the last sublayer output) and
             # attend over the completed sources for every aggregation of the block at once.
             if self.config.residual_mode != "standard":
@@ -663,20 +779,12 @@ class AttnResModel(AttnResPreTrainedModel):
                 partial_sum = None
                 if batch_phase_one:
                     queries = torch.cat([self.layers[i].pseudo_queries() for i in group])
-                    inter_block = attend_over_sources(sources[:completed], sources_inv_rms[:completed], queries)
+                    phase_one = attend_over_sources(sources, sources_inv_rms, queries, completed)
+                    reads = reads_by_query(phase_one, queries, output_depth_attentions)
             for position, layer_idx in enumerate(group):
-                layer_inter_block = None
-                if inter_block is not None:
-                    outputs, logsumexp, logits = inter_block
-                    queries_of_layer = slice(2 * position, 2 * position + 2)
-                    layer_inter_block = (
-                        outputs[..., queries_of_layer, :],
-                        logsumexp[..., queries_of_layer],
-                        logits[..., queries_of_layer],
-                    )
-                partial_sum, sources, sources_inv_rms, layer_input, attention_weights, mlp_weights = self.layers[
-                    layer_idx
-                ](
+                layer_inter_block = None if reads is None else reads[2 * position : 2 * position + 2]
+                layer = self.layers[layer_idx]
+                partial_sum, attention_output, layer_input, attention_weights, mlp_weights = layer(
                     partial_sum,
                     sources,
                     sources_inv_rms,
@@ -684,6 +792,10 @@ class AttnResModel(AttnResPreTrainedModel):
                     attention_mask=causal_mask_mapping[self.config.layer_types[layer_idx]],
                     **layer_kwargs,
                 )
+                if attention_output is not None:  # full mode
+                    sources, sources_inv_rms = commit_source(
+                        sources, sources_inv_rms, attention_output, layer.num_completed_sources, self.config.rms_norm_eps
+                    )
                 all_hidden_states.append(layer_input)
                 all_depth_attentions += [attention_weights, mlp_weights]
 
@@ -692,12 +804,13 @@ class AttnResModel(AttnResPreTrainedModel):
             hidden_states = partial_sum
         else:
             query = self.output_attn_res_norm(self.output_attn_res_proj())
-            outputs, logsumexp, logits = attend_over_sources(sources, sources_inv_rms, query.unsqueeze(0))
+            phase_one = attend_over_sources(sources, sources_inv_rms, query, self.num_completed_sources)
+            output, logsumexp, logits, query = reads_by_query(phase_one, query, output_depth_attentions)[0]
             hidden_states, partial_weight = merge_partial_sum(
-                outputs[..., 0, :], logsumexp[..., 0], partial_sum, query, self.config.rms_norm_eps
+                output, logsumexp, partial_sum, query, self.config.rms_norm_eps
             )
             if output_depth_attentions:
-                all_depth_attentions.append(depth_weights(logits[..., 0], logsumexp[..., 0], partial_weight))
+                all_depth_attentions.append(depth_weights(logits, logsumexp, partial_weight))
         hidden_states = self.norm(hidden_states)
 
         return AttnResModelOutputWithPast(
