@@ -336,8 +336,9 @@ class DepthAttentionFunction(torch.autograd.Function):
     Autograd would save each block's `(num_sources, batch, seq, hidden)` slice for its backward: O(N²·d) per token
     over N blocks, where the paper's Block AttnRes needs O(N·d). This function saves only the small softmax
     probabilities and reads the sources back from the shared buffer. The buffer is held as a plain reference rather
-    than through `save_for_backward`, whose version check would reject the later commits into it; those commits only
-    write slots at or beyond `num_sources`, which this backward never reads (see `CommitSourceFunction`).
+    than through `save_for_backward`: saved-tensor hooks (activation offloading, checkpointing) would pack the whole
+    buffer once per block, the O(N²) this function exists to avoid. Later commits only write slots at or beyond
+    `num_sources`, which this backward never reads (see `CommitSourceFunction`).
     """
 
     @staticmethod
