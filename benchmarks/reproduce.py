@@ -10,7 +10,7 @@ where the curves allow it (how many more steps the baseline needs to reach the A
 AttnRes first reaches the baseline's final loss), and the diagnostics of each variant after training (depth-attention
 maps, per-layer output and gradient magnitudes). This is a CPU-minutes experiment, not the paper's scale.
 
-    python benchmarks/reproduce.py                          # 3 variants x 3 seeds, about 15 minutes on 2 cores
+    python benchmarks/reproduce.py --steps 250              # 3 variants x 3 seeds: the README run, ~50 min on 2 cores
     python benchmarks/reproduce.py --steps 60 --seeds 0     # a quick look
 
 Results: benchmarks/results/reproduce.{json,md} and reproduce-*.png.
