@@ -3,7 +3,8 @@
 Three models share every weight: `residual_mode="standard"` (plain PreNorm, the baseline), `"block"` (N = 8) and
 `"full"`. Each measurement interleaves them (standard, block, full, standard, ...) after a warm-up, so machine noise
 hits all three alike; a ratio is computed per repetition (AttnRes time / standard time of the same round) and the
-report gives its median and interquartile range, and the ratio of the fastest runs (noise only adds time). Results go to `benchmarks/results/overhead-<device>.{json,md}`.
+report gives its median and interquartile range, and the ratio of the fastest runs (noise only adds time). Results
+go to `benchmarks/results/overhead-<device>.{json,md}`.
 
     python benchmarks/overhead_benchmark.py                      # CPU, fp32 (the setting)
     python benchmarks/overhead_benchmark.py --device cuda --dtype bfloat16 --compile

@@ -1,8 +1,8 @@
 """Where AttnRes spends its time, by operator: a noise-robust complement to `overhead_benchmark.py`.
 
 Wall-clock ratios on a shared machine move by several percent between runs. The profiler's per-operator CPU time
-is steadier: this script profiles one step of the standard and the Block AttnRes model (same weights, random
-non-zero queries) and prints, per aten operator, the self time and call count of each, sorted by the difference.
+is steadier: this script profiles one step of the standard and the Block AttnRes model of that benchmark (same
+weights, random non-zero queries) and prints, per aten operator, the self time and call count of each, sorted by the difference.
 Operators the standard model never calls are AttnRes's own cost; their sum over the standard model's total is the
 overhead the AttnRes path adds, free of the noise that hits the shared operators (matmuls, attention).
 
@@ -17,22 +17,7 @@ from collections import defaultdict
 import torch
 from torch.profiler import profile
 
-from attnres import AttnResConfig, AttnResForCausalLM
-
-
-def build(mode: str, args) -> AttnResForCausalLM:
-    torch.manual_seed(0)
-    config = AttnResConfig(
-        vocab_size=32000, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
-        num_hidden_layers=args.layers, num_attention_heads=16, num_key_value_heads=8, attn_res_num_blocks=8,
-        residual_mode=mode,
-    )  # fmt: skip
-    model = AttnResForCausalLM(config)
-    with torch.no_grad():
-        for name, param in model.attn_res_parameters().items():
-            if name.endswith("_proj.weight"):
-                param.normal_(0, 0.02)
-    return model
+from overhead_benchmark import build_models
 
 
 def operator_times(model, args) -> dict[str, list[float]]:
@@ -68,10 +53,14 @@ def main() -> None:
     parser.add_argument("--hidden-size", type=int, default=1024)
     parser.add_argument("--intermediate-size", type=int, default=2816)
     parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--kv-heads", type=int, default=8)
     parser.add_argument("--rows", type=int, default=15)
     args = parser.parse_args()
+    args.device, args.dtype = "cpu", "float32"
 
-    times = {mode: operator_times(build(mode, args), args) for mode in ("standard", "block")}
+    models = build_models(args)  # the benchmark's models: shared weights, random non-zero queries
+    times = {mode: operator_times(models[mode], args) for mode in ("standard", "block")}
     standard_total = sum(ms for ms, _ in times["standard"].values())
     own = {op: v for op, v in times["block"].items() if op not in times["standard"]}
     own_total = sum(ms for ms, _ in own.values())

@@ -7,7 +7,6 @@
   which grows with depth; AttnRes: the aggregated input, a convex combination of the sources) and of the final state.
 - **Gradient magnitude per layer**: the L2 norm of the LM loss gradient over each decoder layer's weights (its
   AttnRes parameters excluded, so that AttnRes and standard models are compared on the same weights).
-
 - **Training-step memory**: the bytes a training step holds for its backward pass and its peak (`step_memory`),
   the measure of the paper's O(N·d) claim for Block AttnRes.
 

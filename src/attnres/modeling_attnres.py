@@ -390,23 +390,18 @@ class DepthAttentionFunction(torch.autograd.Function):
 
 
 def attend_over_sources(
-    sources: torch.Tensor, sources_inv_rms: torch.Tensor, queries: torch.Tensor, num_sources: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Phase 1 over the first `num_sources` sources (see `depth_attention`): `(outputs, logsumexp, logits)`.
+    sources: torch.Tensor, sources_inv_rms: torch.Tensor, queries: torch.Tensor, num_sources: int, weights: bool
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]]:
+    """Phase 1 over the first `num_sources` sources (see `depth_attention`), split into one read per aggregation:
+    `(output, logsumexp, logits or None, query)`, views taken once per block rather than several per sublayer. The
+    logits are kept only if `weights` (to report depth weights).
 
     Eager autograd goes through `DepthAttentionFunction`; `torch.compile` traces the plain operations instead (its
     functionalisation turns the buffer writes into copies, and the compiler plans the saved memory itself)."""
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        return DepthAttentionFunction.apply(sources, sources_inv_rms, queries, num_sources)
-    return depth_attention(sources, sources_inv_rms, queries, num_sources)[:3]
-
-
-def reads_by_query(
-    phase_one: tuple[torch.Tensor, torch.Tensor, torch.Tensor], queries: torch.Tensor, weights: bool
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]]:
-    """Split phase 1's outputs into one `(output, logsumexp, logits or None, query)` per aggregation (views, a few
-    dispatches per block rather than several per sublayer); the logits are kept only to report depth weights."""
-    outputs, logsumexp, logits = phase_one
+        outputs, logsumexp, logits = DepthAttentionFunction.apply(sources, sources_inv_rms, queries, num_sources)
+    else:
+        outputs, logsumexp, logits, _ = depth_attention(sources, sources_inv_rms, queries, num_sources)
     all_logits = logits.unbind(-1) if weights else [None] * queries.shape[0]
     return list(zip(outputs.unbind(-2), logsumexp.unbind(-1), all_logits, queries.unbind(0)))
 
@@ -555,7 +550,7 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor | None, ...]:
         """`partial_sum` is `None` right after a commit. `inter_block` is this layer's two reads of its block's phase
-        1 (see `reads_by_query`; attention first), or `None` to compute them here.
+        1 (see `attend_over_sources`; attention first), or `None` to compute them here.
 
         Returns `(partial_sum, attention_output, layer_input, attention_depth_weights, mlp_depth_weights)`:
         `attention_output` is the source the model must commit next (full mode) or `None`; `layer_input` is the
@@ -578,9 +573,9 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
             return partial_sum, None, layer_input, None, None
 
         if inter_block is None:
-            queries = self.pseudo_queries()
-            phase_one = attend_over_sources(sources, sources_inv_rms, queries, self.num_completed_sources)
-            inter_block = reads_by_query(phase_one, queries, return_depth_attentions)
+            inter_block = attend_over_sources(
+                sources, sources_inv_rms, self.pseudo_queries(), self.num_completed_sources, return_depth_attentions
+            )
         attention_read, mlp_read = inter_block
 
         layer_input, attention_weights = self._read_input(partial_sum, attention_read, return_depth_attentions)
@@ -596,7 +591,7 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         return partial_sum, attention_output, layer_input, attention_weights, mlp_weights
 
     def _read_input(self, partial_sum, read, weights: bool):
-        """The input of one sublayer from its phase-1 `read` (see `reads_by_query`), merged with the partial sum when
+        """The input of one sublayer from its phase-1 `read` (see `attend_over_sources`), merged with the partial sum when
         one is open (phase 2), and, if `weights`, its depth weights over `config.depth_sources()`."""
         output, logsumexp, logits, query = read
         partial_weight = None
@@ -780,8 +775,7 @@ class AttnResModel(AttnResPreTrainedModel):
                 partial_sum = None
                 if batch_phase_one:
                     queries = torch.cat([self.layers[i].pseudo_queries() for i in group])
-                    phase_one = attend_over_sources(sources, sources_inv_rms, queries, completed)
-                    reads = reads_by_query(phase_one, queries, output_depth_attentions)
+                    reads = attend_over_sources(sources, sources_inv_rms, queries, completed, output_depth_attentions)
             for position, layer_idx in enumerate(group):
                 layer_inter_block = None if reads is None else reads[2 * position : 2 * position + 2]
                 layer = self.layers[layer_idx]
@@ -805,8 +799,9 @@ class AttnResModel(AttnResPreTrainedModel):
             hidden_states = partial_sum
         else:
             query = self.output_attn_res_norm(self.output_attn_res_proj())
-            phase_one = attend_over_sources(sources, sources_inv_rms, query, self.num_completed_sources)
-            output, logsumexp, logits, query = reads_by_query(phase_one, query, output_depth_attentions)[0]
+            [(output, logsumexp, logits, query)] = attend_over_sources(
+                sources, sources_inv_rms, query, self.num_completed_sources, output_depth_attentions
+            )
             hidden_states, partial_weight = merge_partial_sum(
                 output, logsumexp, partial_sum, query, self.config.rms_norm_eps
             )
