@@ -158,6 +158,15 @@ def test_hanging_and_greedy_candidates_are_stopped(allow_code):
     assert not hungry.passed and "MemoryError" in hungry.detail
 
 
+def test_reaching_the_cpu_limit_counts_as_a_timeout(allow_code):
+    # The CPU limit sits one second beyond the wall-clock timeout, so which of the two stops a busy loop depends on
+    # the machine's load; both must read "timed out". The program lowers its own limit to reach it deterministically.
+    spinning = run_program(
+        "import resource\nresource.setrlimit(resource.RLIMIT_CPU, (1, 2))\nwhile True:\n    pass\n", timeout_s=20.0
+    )
+    assert not spinning.passed and spinning.status == "timed out" and spinning.detail == "CPU time limit reached"
+
+
 def test_nothing_runs_without_opt_in(tmp_path, monkeypatch):
     monkeypatch.delenv("HF_ALLOW_CODE_EVAL", raising=False)
     marker = tmp_path / "ran"

@@ -59,15 +59,19 @@ def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
 
 
 # Runs first in the child interpreter: cap its resources, then execute the candidate as __main__. (Setting limits
-# here rather than in a `preexec_fn` keeps process creation safe from the worker threads of `run_programs`.)
+# here rather than in a `preexec_fn` keeps process creation safe from the worker threads of `run_programs`.) The CPU
+# limit is a backstop one second beyond the wall-clock timeout; if a busy loop reaches it first anyway, the kernel
+# sends SIGXCPU (then SIGKILL a second later), which `run_program` reports as a timeout, not a failure.
 _BOOTSTRAP = """
 import resource, runpy, sys
 cpu, memory, file_size = (int(value) for value in sys.argv[2:5])
-for limit, value in ((resource.RLIMIT_CPU, cpu), (resource.RLIMIT_AS, memory), (resource.RLIMIT_FSIZE, file_size),
-                     (resource.RLIMIT_NOFILE, 64), (resource.RLIMIT_CORE, 0)):
-    hard = resource.getrlimit(limit)[1]
-    value = value if hard == resource.RLIM_INFINITY else min(value, hard)
-    resource.setrlimit(limit, (value, value))
+for limit, soft, hard in ((resource.RLIMIT_CPU, cpu, cpu + 1), (resource.RLIMIT_AS, memory, memory),
+                          (resource.RLIMIT_FSIZE, file_size, file_size), (resource.RLIMIT_NOFILE, 64, 64),
+                          (resource.RLIMIT_CORE, 0, 0)):
+    ceiling = resource.getrlimit(limit)[1]
+    if ceiling != resource.RLIM_INFINITY:
+        soft, hard = min(soft, ceiling), min(hard, ceiling)
+    resource.setrlimit(limit, (soft, hard))
 sys.argv = sys.argv[1:2]
 runpy.run_path(sys.argv[0], run_name="__main__")
 """
@@ -82,7 +86,7 @@ def run_program(program: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Execution
         with open(script, "w", encoding="utf-8") as handle:
             handle.write(program)
         process = subprocess.Popen(
-            [sys.executable, "-I", "-B", "-c", _BOOTSTRAP, script, str(max(1, math.ceil(timeout_s))),
+            [sys.executable, "-I", "-B", "-c", _BOOTSTRAP, script, str(math.ceil(timeout_s) + 1),
              str(MEMORY_LIMIT_BYTES), str(FILE_SIZE_LIMIT_BYTES)],
             cwd=workdir,
             env={"PATH": os.environ.get("PATH", ""), "HOME": workdir, "TMPDIR": workdir, "PYTHONHASHSEED": "0"},
@@ -103,6 +107,8 @@ def run_program(program: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Execution
                 process.wait()
     if process.returncode == 0:
         return ExecutionResult(True, "passed")
+    if process.returncode == -signal.SIGXCPU:
+        return ExecutionResult(False, "timed out", "CPU time limit reached")
     last_line = stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [f"exit code {process.returncode}"]
     return ExecutionResult(False, "failed", last_line[0][:200])
 
