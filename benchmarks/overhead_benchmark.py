@@ -107,27 +107,40 @@ def prefill(models, args, batch: int, seq: int) -> dict:
     return summarize(interleaved({m: (lambda m=m: run(models[m])) for m in models}, args.repeats, 1, args.device))
 
 
-def decode(models, args, prompt: int, new_tokens: int) -> dict:
+def decode(models, args, prompt: int, new_tokens: int, compiled: bool = False) -> dict:
     """Per-token decode latency with the KV cache: each model prefills the prompt (untimed), then the models take
-    their decode steps in turn (standard, block, full, standard, ...), so every step gives a paired ratio."""
+    their decode steps in turn (standard, block, full, standard, ...), so every step gives a paired ratio.
+
+    With `compiled`, each model decodes into a `StaticCache` through `torch.compile(model, fullgraph=True)`, the
+    recipe of transformers' "LLM inference optimization" guide; the prompt is prefilled eagerly."""
+    from transformers import StaticCache
+
     ids = torch.randint(2, 32000, (1, prompt), device=args.device)
+    steps = {name: torch.compile(model, fullgraph=True) if compiled else model for name, model in models.items()}
+    static_caches = {
+        name: StaticCache(config=model.config, max_cache_len=prompt + new_tokens) for name, model in models.items()
+    }
     times = {name: [] for name in models}
     repeats = max(2, args.repeats // 3)
     with torch.inference_mode():
         for _ in range(repeats):
             states = {}
             for name, model in models.items():
-                output = model(ids, use_cache=True, logits_to_keep=1)
+                cache = static_caches[name] if compiled else None
+                if cache is not None:
+                    cache.reset()
+                output = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
                 states[name] = (output.past_key_values, output.logits[:, -1:].argmax(-1))
             for step in range(new_tokens):
-                for name, model in models.items():
+                position = torch.tensor([prompt + step], device=args.device)
+                for name in models:
                     cache, token = states[name]
                     synchronize(args.device)
                     start = time.perf_counter()
-                    output = model(token, past_key_values=cache, use_cache=True)
+                    output = steps[name](token, past_key_values=cache, use_cache=True, cache_position=position)
                     token = output.logits[:, -1:].argmax(-1)
                     synchronize(args.device)
-                    if step >= 2:  # the first steps warm up
+                    if step >= 2:  # the first steps warm up (and, compiled, compile)
                         times[name].append(time.perf_counter() - start)
                     states[name] = (output.past_key_values, token)
     return summarize(times, unit="s/token")
@@ -183,7 +196,7 @@ def main() -> None:
     parser.add_argument("--train", default="1x512", help="batch x seq shapes")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--compile", action="store_true", help="also measure torch.compile'd models (prefill)")
+    parser.add_argument("--compile", action="store_true", help="also measure torch.compile'd models (prefill, decode)")
     parser.add_argument("--only", default="prefill,decode,train,compile")
     parser.add_argument("--output", type=Path, default=Path(__file__).parent / "results")
     args = parser.parse_args()
@@ -223,6 +236,11 @@ def main() -> None:
         for batch, seq in shapes[:1]:
             key = f"prefill {batch}x{seq} (torch.compile)"
             report["results"][key] = prefill(compiled, args, batch, seq)
+            print(format_row(key, report["results"][key]), flush=True)
+        if args.decode:
+            prompt, new_tokens = map(int, args.decode.split("+"))
+            key = f"decode {prompt}+{new_tokens} (torch.compile, static cache)"
+            report["results"][key] = decode(models, args, prompt, new_tokens, compiled=True)
             print(format_row(key, report["results"][key]), flush=True)
 
     args.output.mkdir(parents=True, exist_ok=True)

@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from attnres.cli import main
+from attnres.paths import is_missing_local_path
 from tests.tiny_models import tiny_config
 
 
@@ -48,6 +49,22 @@ def test_inspect_bad_input_is_one_line_and_exit_code_1(tmp_path, capsys, make_in
     assert main(["inspect", make_input(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("attnres: error: ") and message in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize(
+    "name, missing",
+    [
+        ("org/model", False),  # a Hub id
+        ("gpt2", False),  # a legacy one-part Hub id, which the Hub redirects
+        ("{tmp}", False),  # exists
+        ("{tmp}/nothing", True),  # absolute
+        ("./nothing", True),
+        ("~/no-such-dir-for-attnres", True),
+        ("data/train/part.jsonl", True),  # more than one '/'
+    ],
+)
+def test_missing_local_paths_are_told_from_hub_ids(tmp_path, name, missing):
+    assert is_missing_local_path(name.format(tmp=tmp_path)) is missing
 
 
 def test_console_script_runs():

@@ -9,6 +9,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from .paths import is_missing_local_path, replace_directory
+
 
 logger = logging.getLogger("attnres")
 
@@ -43,7 +45,7 @@ def load_attnres_config(model: str):
         if path.is_file():
             config = AttnResConfig.from_json_file(path)
         else:
-            if not path.exists() and (path.is_absolute() or model.startswith(".") or model.count("/") > 1):
+            if is_missing_local_path(model):
                 raise UserError(f"{model!r} does not exist (expected a directory, a config.json or a Hub id)")
             config = AutoConfig.from_pretrained(model)
     except (OSError, ValueError, StrictDataclassError) as error:
@@ -76,7 +78,6 @@ def run_diagnostics(args: argparse.Namespace) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .diagnostics import collect, format_diagnostics, plot_depth_attention, plot_magnitudes
-    from .output_dirs import replace_directory
 
     if not args.text.is_file():
         raise UserError(f"--text {args.text} is not a file")

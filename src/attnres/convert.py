@@ -31,7 +31,7 @@ from .configuration_attnres import AttnResConfig
 from .families import SUPPORTED_FAMILIES, attnres_config_kwargs, unsupported_message
 from .model_card import render_model_card, source_license
 from .modeling_attnres import AttnResForCausalLM
-from .output_dirs import replace_directory
+from .paths import replace_directory
 
 
 logger = logging.getLogger(__name__)

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .model_card import RESULTS_START, fill_results
-from .output_dirs import replace_directory
+from .paths import is_missing_local_path, replace_directory
 from .eval_tasks import (
     SUITE,
     BenchmarkTask,
@@ -61,7 +61,7 @@ def resolve_model(model: str) -> str:
         if not (path / "config.json").is_file():
             raise ValueError(f"{model} is not a model checkpoint (no config.json in it)")
         return str(path.resolve())
-    if path.is_absolute() or model.startswith((".", "~")) or model.count("/") != 1:
+    if is_missing_local_path(model):
         raise ValueError(f"model {model!r} does not exist (expected a checkpoint directory or a Hub id like org/name)")
     return model
 

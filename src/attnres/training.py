@@ -38,6 +38,7 @@ from transformers import (
 
 from .configuration_attnres import AttnResConfig
 from .modeling_attnres import AttnResForCausalLM
+from .paths import is_missing_local_path
 from .peft_support import attnres_lora_config, is_attn_res_parameter
 
 
@@ -102,7 +103,7 @@ def load_text_dataset(data: DataArguments):
         builder = formats.pop()
         kwargs = {"sample_by": "document"} if builder == "text" else {}
         dataset = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **kwargs)
-    elif path.is_absolute() or data.dataset.startswith((".", "~")) or data.dataset.count("/") > 1:
+    elif is_missing_local_path(data.dataset):
         raise TrainingSetupError(f"--dataset {data.dataset} does not exist (expected a file, directory or Hub id)")
     else:
         dataset = datasets.load_dataset(data.dataset, data.dataset_config, split="train")
