@@ -209,6 +209,24 @@ def test_greedy_generate_with_and_without_cache_agree(mode):
     assert torch.equal(cached, uncached)
 
 
+def test_static_cache_generation_compiles_and_matches_the_dynamic_cache():
+    """transformers' compiled decoding: `generate(cache_implementation="static")` compiles the decode step with
+    fullgraph=True (the model declares `_can_compile_fullgraph`). It does so on accelerators only, so the compiled run
+    opts the CPU in the way transformers' own tests do."""
+    from transformers import CompileConfig
+
+    model = attnres_model("block", query_std=0.3)
+    prompt = random_ids(batch=1, seq=6)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    expected = model.generate(prompt, **kwargs)
+    assert torch.equal(model.generate(prompt, cache_implementation="static", **kwargs), expected)
+    compile_config = CompileConfig(fullgraph=True, mode="default")
+    compile_config._compile_all_devices = True
+    compiled = model.generate(prompt, cache_implementation="static", compile_config=compile_config, **kwargs)
+    assert hasattr(model, "_compiled_call"), "generate did not compile the decode step"
+    assert torch.equal(compiled, expected)
+
+
 @pytest.mark.parametrize("mode", ["block", "full"])
 def test_left_padded_batch_equals_unpadded_sequences(mode):
     model = attnres_model(mode, query_std=0.3)

@@ -614,6 +614,7 @@ class AttnResPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+    _can_compile_fullgraph = True  # tested; `generate` with a static cache compiles the decode step on GPUs
     _can_record_outputs = {"attentions": AttnResAttention}
 
     def attn_res_parameters(self) -> dict[str, nn.Parameter]:
