@@ -1,10 +1,12 @@
 """Where AttnRes spends its time, by operator: a noise-robust complement to `overhead_benchmark.py`.
 
-Wall-clock ratios on a shared machine move by several percent between runs. The profiler's per-operator CPU time
-is steadier: this script profiles one step of the standard and the Block AttnRes model of that benchmark (same
-weights, random non-zero queries) and prints, per aten operator, the self time and call count of each, sorted by the difference.
-Operators the standard model never calls are AttnRes's own cost; their sum over the standard model's total is the
-overhead the AttnRes path adds, free of the noise that hits the shared operators (matmuls, attention).
+Wall-clock ratios on a shared machine move by several percent between runs, and so does the time of the big shared
+operators (matmuls, attention) from one step to the next. This script profiles interleaved steps of the standard and
+the Block AttnRes model of that benchmark (same weights, random non-zero queries) with Python stacks, and attributes
+to AttnRes every aten operator called from its code (phase 1 and 2, the commits, the pseudo-queries) and, in
+training, every operator of the backward nodes those recorded. Their self time over the standard step's is the cost
+of the AttnRes path, free of the noise in the rest of the step. (It does not count the Python and dispatch time
+between operators, which decides decoding: the calls per step show that part.)
 
     python benchmarks/overhead_profile.py --mode prefill --batch 1 --seq 2048
     python benchmarks/overhead_profile.py --mode train --batch 1 --seq 512
@@ -12,15 +14,37 @@ overhead the AttnRes path adds, free of the noise that hits the shared operators
 """
 
 import argparse
+import re
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 from torch.profiler import profile
 
+from attnres import modeling_attnres
 from overhead_benchmark import build_models
 
 
-def operator_times(model, args) -> dict[str, list[float]]:
+def attnres_functions() -> set[tuple[int, str]]:
+    """`(first line, name)` of the functions of `modeling_attnres` that make up the AttnRes path, as the profiler's
+    Python events name them ("…/modeling_attnres.py(<first line>): <name>")."""
+    code = modeling_attnres
+    functions = [
+        code.depth_attention, code.attend_over_sources, code.merge_partial_sum, code.commit_source, code.inverse_rms,
+        code.depth_weights, code.AttnResDecoderLayer.pseudo_queries, code.AttnResDecoderLayer._read_input,
+    ]  # fmt: skip
+    for cls in (code.DepthAttentionFunction, code.CommitSourceFunction, code.AttnResPseudoQuery, code.AttnResKeyRMSNorm):
+        members = (getattr(member, "__func__", member) for member in vars(cls).values())
+        functions += [member for member in members if hasattr(member, "__code__")]
+    return {(function.__code__.co_firstlineno, function.__code__.co_name) for function in functions}
+
+
+PYTHON_FRAME = re.compile(r"modeling_attnres\.py\((\d+)\): (\w+)$")
+BACKWARD_NODE = "autograd::engine::evaluate_function: "
+
+
+def make_step(model, args) -> Callable[[], None]:
+    """One step of `args.mode` on `model`, warmed up."""
     ids = torch.randint(2, 32000, (args.batch, args.seq))
     if args.mode == "train":
         model.train()
@@ -34,15 +58,48 @@ def operator_times(model, args) -> dict[str, list[float]]:
             cache = model(ids, use_cache=True).past_key_values
         token = ids[:, -1:]
         step = lambda: model(token, past_key_values=cache, use_cache=True)  # noqa: E731
-    with torch.inference_mode(args.mode != "train"):
-        step()  # warm-up
-        with profile() as profiler:
+
+    def run() -> None:
+        with torch.inference_mode(args.mode != "train"):
             step()
-    totals = defaultdict(lambda: [0.0, 0])
-    for event in profiler.key_averages():
-        totals[event.key][0] += event.self_cpu_time_total / 1e3
-        totals[event.key][1] += event.count
-    return totals
+
+    run()
+    return run
+
+
+def operator_times(step: Callable[[], None], functions: set[tuple[int, str]]) -> tuple[dict, dict]:
+    """Self CPU time (ms) and call count of each aten operator in one call of `step`: all of them, and those of the
+    AttnRes path (called from `functions`, or run by the backward node of an operation they recorded)."""
+    with profile(with_stack=True) as profiler:
+        step()
+    events = profiler.events()
+
+    def called_from_attnres(event) -> bool:
+        while event is not None:
+            frame = PYTHON_FRAME.search(event.name)
+            if frame and (int(frame[1]), frame[2]) in functions:
+                return True
+            event = event.cpu_parent
+        return False
+
+    forward = {id(event) for event in events if called_from_attnres(event)}
+    recorded = {event.sequence_nr for event in events if id(event) in forward and event.sequence_nr >= 0}
+
+    def run_by_attnres_backward(event) -> bool:
+        while event is not None:
+            if event.name.startswith(BACKWARD_NODE):
+                return event.sequence_nr in recorded
+            event = event.cpu_parent
+        return False
+
+    every, attnres = defaultdict(lambda: [0.0, 0]), defaultdict(lambda: [0.0, 0])
+    for event in events:
+        if not event.name.startswith("aten::"):
+            continue
+        for table in (every, attnres) if id(event) in forward or run_by_attnres_backward(event) else (every,):
+            table[event.name][0] += event.self_cpu_time_total / 1e3
+            table[event.name][1] += 1
+    return every, attnres
 
 
 def main() -> None:
@@ -55,26 +112,36 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=3, help="profiled steps per model, interleaved")
     parser.add_argument("--rows", type=int, default=15)
     args = parser.parse_args()
     args.device, args.dtype = "cpu", "float32"
 
     models = build_models(args)  # the benchmark's models: shared weights, random non-zero queries
-    times = {mode: operator_times(models[mode], args) for mode in ("standard", "block")}
-    standard_total = sum(ms for ms, _ in times["standard"].values())
-    own = {op: v for op, v in times["block"].items() if op not in times["standard"]}
-    own_total = sum(ms for ms, _ in own.values())
-    print(f"{args.mode} {args.batch}x{args.seq}: total self time standard {standard_total:.1f} ms, "
-          f"block {sum(ms for ms, _ in times['block'].values()):.1f} ms")  # fmt: skip
-    print(f"operators only AttnRes calls: {own_total:.1f} ms = {own_total / standard_total:.2%} of the standard step; "
-          f"calls per step: standard {sum(n for _, n in times['standard'].values())}, "
-          f"block {sum(n for _, n in times['block'].values())}")  # fmt: skip
-    print(f"\n{'operator':<55} {'standard ms (calls)':>22} {'block ms (calls)':>22}")
-    ops = sorted(set(times["standard"]) | set(times["block"]),
-                 key=lambda op: times["standard"].get(op, [0, 0])[0] - times["block"].get(op, [0, 0])[0])  # fmt: skip
-    for op in ops[: args.rows]:
-        (s_ms, s_n), (b_ms, b_n) = times["standard"].get(op, [0, 0]), times["block"].get(op, [0, 0])
-        print(f"{op[:55]:<55} {f'{s_ms:.1f} ({s_n})':>22} {f'{b_ms:.1f} ({b_n})':>22}")
+    steps = {mode: make_step(models[mode], args) for mode in ("standard", "block")}
+    functions = attnres_functions()
+    # per-step means over interleaved profiled steps (standard, block, standard, ...)
+    every = {mode: defaultdict(lambda: [0.0, 0.0]) for mode in steps}
+    attnres = defaultdict(lambda: [0.0, 0.0])
+    for _ in range(args.repeats):
+        for mode, step in steps.items():
+            all_ops, attnres_ops = operator_times(step, functions)
+            for totals, ops in ((every[mode], all_ops), *(((attnres, attnres_ops),) if mode == "block" else ())):
+                for op, (ms, count) in ops.items():
+                    totals[op][0] += ms / args.repeats
+                    totals[op][1] += count / args.repeats
+
+    def total(ops, index: int = 0) -> float:
+        return sum(value[index] for value in ops.values())
+
+    print(f"{args.mode} {args.batch}x{args.seq}, per step: aten self time standard {total(every['standard']):.1f} ms, "
+          f"block {total(every['block']):.1f} ms (the difference is mostly noise in the shared operators)")  # fmt: skip
+    print(f"AttnRes path: {total(attnres):.1f} ms = {total(attnres) / total(every['standard']):.2%} of the standard "
+          f"step; aten calls per step: standard {total(every['standard'], 1):.0f}, block {total(every['block'], 1):.0f} "
+          f"(AttnRes path {total(attnres, 1):.0f})")  # fmt: skip
+    print(f"\n{'AttnRes operator':<55} {'ms':>8} {'calls':>7}")
+    for op, (ms, count) in sorted(attnres.items(), key=lambda item: -item[1][0])[: args.rows]:
+        print(f"{op[:55]:<55} {ms:>8.2f} {count:>7.0f}")
 
 
 if __name__ == "__main__":
