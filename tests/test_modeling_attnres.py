@@ -210,9 +210,9 @@ def test_greedy_generate_with_and_without_cache_agree(mode):
 
 
 def test_static_cache_generation_compiles_and_matches_the_dynamic_cache():
-    """transformers' compiled decoding: `generate(cache_implementation="static")` compiles the decode step with
-    fullgraph=True (the model declares `_can_compile_fullgraph`). It does so on accelerators only, so the compiled run
-    opts the CPU in the way transformers' own tests do."""
+    """transformers' compiled decoding: `generate(cache_implementation="static")` compiles the decode step. It does so
+    on accelerators only, so the compiled run opts the CPU in the way transformers' own tests do, with fullgraph=True so
+    that any graph break fails the test."""
     from transformers import CompileConfig
 
     model = attnres_model("block", query_std=0.3)
