@@ -117,16 +117,16 @@ def decode(models, args, prompt: int, new_tokens: int, compiled: bool = False) -
 
     ids = torch.randint(2, 32000, (1, prompt), device=args.device)
     steps = {name: torch.compile(model, fullgraph=True) if compiled else model for name, model in models.items()}
-    static_caches = {
+    static_caches = {  # eager decoding grows a DynamicCache instead
         name: StaticCache(config=model.config, max_cache_len=prompt + new_tokens) for name, model in models.items()
-    }
+    } if compiled else {}
     times = {name: [] for name in models}
     repeats = max(2, args.repeats // 3)
     with torch.inference_mode():
         for _ in range(repeats):
             states = {}
             for name, model in models.items():
-                cache = static_caches[name] if compiled else None
+                cache = static_caches.get(name)
                 if cache is not None:
                     cache.reset()
                 output = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)

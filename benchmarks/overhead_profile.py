@@ -123,13 +123,18 @@ def main() -> None:
     # per-step means over interleaved profiled steps (standard, block, standard, ...)
     every = {mode: defaultdict(lambda: [0.0, 0.0]) for mode in steps}
     attnres = defaultdict(lambda: [0.0, 0.0])
+
+    def accumulate(totals, ops) -> None:
+        for op, (ms, count) in ops.items():
+            totals[op][0] += ms / args.repeats
+            totals[op][1] += count / args.repeats
+
     for _ in range(args.repeats):
         for mode, step in steps.items():
             all_ops, attnres_ops = operator_times(step, functions)
-            for totals, ops in ((every[mode], all_ops), *(((attnres, attnres_ops),) if mode == "block" else ())):
-                for op, (ms, count) in ops.items():
-                    totals[op][0] += ms / args.repeats
-                    totals[op][1] += count / args.repeats
+            accumulate(every[mode], all_ops)
+            if mode == "block":
+                accumulate(attnres, attnres_ops)
 
     def total(ops, index: int = 0) -> float:
         return sum(value[index] for value in ops.values())
