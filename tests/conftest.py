@@ -4,6 +4,14 @@ import os
 
 import pytest
 import torch
+from packaging.version import Version
+
+
+# `torch.compile(fullgraph=True)` of a transformers model traces transformers' own forward decorators, which torch
+# 2.6's dynamo cannot (`merge_with_config_defaults` reads `func.__code__`); tested from torch 2.13 on.
+requires_fullgraph_compile = pytest.mark.skipif(
+    Version(torch.__version__).release < (2, 13), reason="fullgraph compile of transformers models needs torch >= 2.13"
+)
 
 
 # Every numeric comparison in the suite uses one of these. Why each is what it is:
@@ -14,6 +22,10 @@ TOLERANCES = {
     # cached vs full attention; sdpa vs eager). Observed max 2e-6 on O(1) logits; 1e-5 leaves 5x headroom and still
     # fails if the PreNorm eps is not rescaled (that alone moves the logits by 4.5e-5 on the tiny models).
     "fp32": dict(rtol=1e-5, atol=1e-5),
+    # fp32, cached decoding (one token at a time) vs one full forward: attention kernels reduce over different shapes
+    # at every one of the 10 sublayers, and the random pseudo-queries amplify it; observed up to 1.06e-5 on O(3) logits
+    # on this project's CPU. A cache that is dropped or misread moves the logits by O(0.1-1).
+    "fp32_cache": dict(rtol=1e-5, atol=5e-5),
     # fp32, model vs the naive loop of reference_attnres.py: block sums are re-added from scratch and the softmax is
     # a separate einsum, so rounding differs more (observed max 1.2e-5 on logits up to 4). A wrong source set or
     # wrong query moves logits by O(0.1-1); the depth weights themselves are compared at "fp32".

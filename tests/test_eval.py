@@ -71,6 +71,21 @@ def test_graft_scores_exactly_like_its_source_at_step_zero(report):
         assert row["delta"] == 0.0, row
 
 
+def test_graft_generates_the_same_continuations_as_its_source(report):
+    """lm-eval's HFLM generation path (`generate` with the KV cache) for HumanEval and Minerva Math: the zero-query
+    graft must produce its source's continuations token for token, not merely the same (here, zero) scores."""
+    records = {}
+    for label in ("baseline", "attnres"):
+        lines = (report / f"samples-{label}.jsonl").read_text().splitlines()
+        records[label] = {(r["task"], r["doc_id"]): r for r in map(json.loads, lines)}
+    assert records["baseline"].keys() == records["attnres"].keys()
+    generated = [key for key in records["baseline"] if key[0] in ("humaneval", "minerva_math_algebra")]
+    assert {task for task, _ in generated} == {"humaneval", "minerva_math_algebra"} and len(generated) == 5
+    for key in generated:
+        ours, theirs = records["attnres"][key]["resps"], records["baseline"][key]["resps"]
+        assert ours == theirs and ours[0][0].strip(), (key, ours, theirs)  # non-empty continuations, identical
+
+
 def test_table_json_and_plot_agree(report):
     results = json.loads((report / "results.json").read_text())
     table_rows = [line for line in (report / "results.md").read_text().splitlines() if re.match(r"\| \w+ \| [a-z@]", line) and not line.startswith("| task")]

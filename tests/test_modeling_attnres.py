@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 from attnres import AttnResConfig, AttnResForCausalLM
 from attnres.diagnostics import step_memory
-from tests.conftest import TOLERANCES, assert_close
+from tests.conftest import TOLERANCES, assert_close, requires_fullgraph_compile
 from tests.reference_attnres import reference_logits
 from tests.tiny_models import FAMILIES, attnres_parameter_names, family_pair, randomize_, tiny_config
 
@@ -195,20 +195,54 @@ def test_incremental_decoding_equals_full_forward(family, mode):
     for position in range(prompt, ids.shape[1]):
         output = model(ids[:, position : position + 1], past_key_values=output.past_key_values, use_cache=True)
         steps.append(output.logits)
-    assert_close(torch.cat(steps, dim=1), full, "fp32", f"{mode} {family} cached decoding vs full forward")
+    assert_close(torch.cat(steps, dim=1), full, "fp32_cache", f"{mode} {family} cached decoding vs full forward")
 
 
+@pytest.mark.parametrize("family", list(FAMILIES))
 @pytest.mark.parametrize("mode", ["block", "full", "standard"])
-def test_greedy_generate_with_and_without_cache_agree(mode):
-    model = attnres_model(mode, query_std=0.3)
-    prompt = random_ids(batch=1, seq=6)
+def test_generate_with_cache_equals_without_and_the_source_model(family, mode):
+    """`generate` decodes through the KV cache under whatever name the installed transformers passes it (`cache` from
+    5.24, `past_key_values` before): a cache that is silently dropped makes every token after the first depend on that
+    token alone, which the no-cache run and the source model expose. Zero queries: the same tokens as the source;
+    random queries: cached and uncached decoding still agree."""
+    reference, model = family_pair(family, mode)
+    prompt = random_ids(batch=2, seq=SEQ)
     kwargs = dict(max_new_tokens=10, do_sample=False, pad_token_id=0)
-    cached = model.generate(prompt, use_cache=True, **kwargs)
-    uncached = model.generate(prompt, use_cache=False, **kwargs)
-    assert cached.shape == (1, 16)
-    assert torch.equal(cached, uncached)
+    expected = reference.generate(prompt, **kwargs)
+    assert expected.shape == (2, SEQ + 10)
+    assert torch.equal(model.generate(prompt, use_cache=True, **kwargs), expected)
+    assert torch.equal(model.generate(prompt, use_cache=False, **kwargs), expected)
+    if mode != "standard":
+        randomize_(model, query_std=0.3)
+        cached = model.generate(prompt, use_cache=True, **kwargs)
+        assert not torch.equal(cached, expected)  # the queries matter, so the agreement below is not the source's
+        assert torch.equal(cached, model.generate(prompt, use_cache=False, **kwargs))
 
 
+def test_both_names_of_the_kv_cache_work_in_both_directions():
+    """transformers 5.24 renamed `past_key_values` to `cache`; the model takes either argument and its outputs answer
+    to either field name, on every supported release."""
+    model = attnres_model("block", query_std=0.3)
+    ids = random_ids(seq=SEQ + 1)
+    full = model(ids).logits[:, -1]
+    for name in ("cache", "past_key_values"):
+        with torch.no_grad():
+            first = model(ids[:, :-1], use_cache=True)
+            assert first.cache is not None and first.cache is first.past_key_values
+            step = model(ids[:, -1:], use_cache=True, **{name: first.cache})
+        assert_close(step.logits[:, -1], full, "fp32_cache", f"next token with the cache passed as {name}")
+    with pytest.raises(ValueError, match="not both"):
+        model(ids[:, -1:], cache=first.cache, past_key_values=first.cache)
+
+
+def test_static_cache_generation_matches_the_dynamic_cache():
+    model = attnres_model("block", query_std=0.3)
+    prompt = random_ids(batch=1, seq=6)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(model.generate(prompt, cache_implementation="static", **kwargs), model.generate(prompt, **kwargs))
+
+
+@requires_fullgraph_compile
 def test_static_cache_generation_compiles_and_matches_the_dynamic_cache():
     """transformers' compiled decoding: `generate(cache_implementation="static")` compiles the decode step. It does so
     on accelerators only, so the compiled run opts the CPU in the way transformers' own tests do, with fullgraph=True so
@@ -219,7 +253,6 @@ def test_static_cache_generation_compiles_and_matches_the_dynamic_cache():
     prompt = random_ids(batch=1, seq=6)
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
     expected = model.generate(prompt, **kwargs)
-    assert torch.equal(model.generate(prompt, cache_implementation="static", **kwargs), expected)
     compile_config = CompileConfig(fullgraph=True, mode="default")
     compile_config._compile_all_devices = True
     compiled = model.generate(prompt, cache_implementation="static", compile_config=compile_config, **kwargs)
@@ -265,7 +298,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(mode, use_reentrant):
     model = attnres_model(mode, query_std=0.3).train()
     ids = random_ids()
     expected = _gradients(model, ids)
-    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     attention_calls = []
     model.model.layers[1].self_attn.register_forward_pre_hook(lambda *_: attention_calls.append(1))
     actual = _gradients(model, ids)
@@ -309,6 +342,7 @@ def test_pseudo_queries_receive_gradients_from_zero_init(mode):
     assert key_norms and all(grad.abs().max() == 0 for grad in key_norms)
 
 
+@requires_fullgraph_compile
 def test_torch_compile_fullgraph_matches_eager():
     """The AttnRes path compiles without graph breaks (fullgraph=True raises on any), in inference (which writes the
     preallocated source buffer in place) and in training (autograd through the batched phase 1 and the merge)."""

@@ -18,7 +18,7 @@ REMOTE_CODE_FILES = ("configuration_attnres.py", "modeling_attnres.py")
 
 def test_remote_code_files_import_only_torch_transformers_and_each_other():
     package_dir = Path(attnres.__file__).parent
-    allowed_roots = {"collections", "dataclasses", "math", "re", "torch", "transformers", "huggingface_hub"}
+    allowed_roots = {"collections", "dataclasses", "functools", "math", "re", "torch", "transformers", "huggingface_hub"}
     for filename in REMOTE_CODE_FILES:
         tree = ast.parse((package_dir / filename).read_text())
         for node in ast.walk(tree):
@@ -98,3 +98,86 @@ def test_remote_code_load_in_a_clean_process(tmp_path):
     assert torch.equal(remote["logits"], expected), (remote["logits"] - expected).abs().max()
     expected_generation = model.generate(ids[:1, :4], max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(remote["generated"], expected_generation)
+
+
+def seed_hub_cache(hf_home: Path, repo_id: str, checkpoint: Path, commit: str) -> None:
+    """Lay `checkpoint` out in `hf_home` exactly as `huggingface_hub` stores a download of `repo_id` at `commit`:
+    content-addressed blobs, a snapshot directory of links to them, and `refs/main` naming the commit."""
+    import hashlib
+    import os
+
+    repo = hf_home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    (repo / "blobs").mkdir(parents=True)
+    snapshot.mkdir(parents=True)
+    for file in checkpoint.iterdir():
+        blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+        blob.write_bytes(file.read_bytes())
+        os.symlink(os.path.relpath(blob, snapshot), snapshot / file.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+
+
+HUB_LOADER = r"""
+import json, sys
+sys.modules["attnres"] = None
+import torch
+from transformers import AutoModelForCausalLM
+
+repo_id, commit, ids_path, out_path = sys.argv[1:5]
+ids = torch.load(ids_path)
+results = {}
+for revision in (None, "main", commit):
+    model = AutoModelForCausalLM.from_pretrained(repo_id, revision=revision, trust_remote_code=True).eval()
+    with torch.no_grad():
+        logits = model(ids).logits
+    cached = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    uncached = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0, use_cache=False)
+    results[str(revision)] = {"logits": logits, "cached": cached, "uncached": uncached}
+torch.save(results, out_path)
+print(json.dumps({"module": type(model).__module__}))
+"""
+
+
+def test_remote_code_loads_by_repo_id_from_the_hub_cache(tmp_path):
+    """`from_pretrained("org/name", trust_remote_code=True)` as Hub users call it, offline: the checkpoint sits in an
+    otherwise empty HF_HOME laid out like a download, and is loaded by repo id (default revision, branch, full commit
+    hash) in a fresh process without `attnres`, through the `transformers_modules.<org>.<name>.<commit>` import path
+    that a local directory never exercises. Cached and uncached generation agree with the in-process model."""
+    model = randomize_(AttnResForCausalLM(tiny_config("block")), query_std=0.3).eval()
+    model.save_pretrained(tmp_path / "checkpoint")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    seed_hub_cache(tmp_path / "hf_home", "attnres-org/tiny-attnres", tmp_path / "checkpoint", commit)
+    ids = torch.randint(3, 99, (2, 6), generator=torch.Generator().manual_seed(0))
+    torch.save(ids, tmp_path / "ids.pt")
+    result = subprocess.run(
+        [sys.executable, "-c", HUB_LOADER, "attnres-org/tiny-attnres", commit, "ids.pt", "out.pt"],
+        cwd=tmp_path,
+        env={"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf_home"), "PATH": "/usr/bin:/bin"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    module = json.loads(result.stdout.strip().splitlines()[-1])["module"]
+    assert module == f"transformers_modules.attnres_hyphen_org.tiny_hyphen_attnres.{commit}.modeling_attnres", module
+    with torch.no_grad():
+        expected_logits = model(ids).logits
+    expected_tokens = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    for revision, loaded in torch.load(tmp_path / "out.pt").items():
+        assert torch.equal(loaded["logits"], expected_logits), revision
+        assert torch.equal(loaded["cached"], expected_tokens) and torch.equal(loaded["uncached"], expected_tokens)
+
+
+def test_an_unsupported_transformers_is_refused_at_import_with_the_range(tmp_path):
+    """Remote code runs on the user's transformers: outside the tested range it must say so, not fail later."""
+    probe = (
+        "import importlib.metadata as metadata\n"
+        "real = metadata.version\n"
+        "metadata.version = lambda name: '4.57.1' if name == 'transformers' else real(name)\n"
+        "import attnres.configuration_attnres\n"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "ImportError" in result.stderr and "transformers>=5.4,<6" in result.stderr
+    assert "found transformers==4.57.1" in result.stderr

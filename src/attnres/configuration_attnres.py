@@ -15,10 +15,22 @@
 
 import math
 
-from huggingface_hub.dataclasses import strict
-from transformers.configuration_utils import PreTrainedConfig
-from transformers.modeling_rope_utils import RopeParameters
-from transformers.utils import logging
+from transformers.utils.versions import require_version
+
+
+# The transformers releases the remote code is tested on (CI runs the lowest and the newest; README "Supported
+# versions"). 5.4 is the first with dataclass configs, `capture_outputs` and masks that need no `cache_position`.
+# Checked before anything else is imported, so that an older release gets this message, not an ImportError.
+SUPPORTED_TRANSFORMERS = ">=5.4,<6"
+require_version(
+    f"transformers{SUPPORTED_TRANSFORMERS}",
+    f"AttnRes models need transformers{SUPPORTED_TRANSFORMERS}: run `pip install -U 'transformers{SUPPORTED_TRANSFORMERS}'`.",
+)
+
+from huggingface_hub.dataclasses import strict  # noqa: E402
+from transformers.configuration_utils import PreTrainedConfig  # noqa: E402
+from transformers.modeling_rope_utils import RopeParameters  # noqa: E402
+from transformers.utils import logging  # noqa: E402
 
 
 logger = logging.get_logger(__name__)
@@ -84,7 +96,7 @@ class AttnResConfig(PreTrainedConfig):
 
     model_type = "attnres"
     _auto_class = "AutoConfig"  # `save_pretrained` ships this file as remote code
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]  # transformers >= 5.24, < 5.24
 
     vocab_size: int = 32000
     hidden_size: int = 4096

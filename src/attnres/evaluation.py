@@ -100,7 +100,8 @@ def evaluate_model(
     allow_code_execution: bool,
     label: str,
 ) -> dict:
-    """lm-eval's full results for one model (`simple_evaluate`'s return value, without per-sample logs)."""
+    """lm-eval's full results for one model (`simple_evaluate`'s return value), with its per-document records moved
+    to `results["samples"]` in the compact form `sample_records` gives."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -125,11 +126,23 @@ def evaluate_model(
         limit=limit,
         use_cache=cache,
         gen_kwargs={"max_gen_toks": max_gen_toks} if max_gen_toks else None,
-        log_samples=False,
+        log_samples=True,
         confirm_run_unsafe_code=allow_code_execution,
     )
     del lm
+    results["samples"] = sample_records(results.get("samples", {}))
     return json.loads(json.dumps(results, default=_jsonable))
+
+
+def sample_records(samples: dict[str, list[dict]]) -> dict[str, list[dict]]:
+    """Per task, one record per document: its id and hashes, the model's raw responses (`resps`: generated text, or
+    loglikelihoods), the filtered responses and the metric values; lm-eval's copies of the document and the prompt
+    arguments are dropped (the hashes identify them). Both models answer the same documents, so records pair up."""
+    keep = ("doc_id", "doc_hash", "prompt_hash", "target_hash", "resps", "filtered_resps")
+    return {
+        task: [{**{key: record[key] for key in keep}, "metrics": {m: record[m] for m in record["metrics"]}} for record in records]
+        for task, records in samples.items()
+    }
 
 
 def task_metrics(results: dict, lm_eval_name: str) -> dict[str, tuple[float, float | None]]:
@@ -317,7 +330,7 @@ def run_eval(
             "limit": limit,
             "notes": prepared.notes,
             "comparison": [row.to_dict() for row in rows],
-            "lm_eval": outputs,
+            "lm_eval": {label: {k: v for k, v in results.items() if k != "samples"} for label, results in outputs.items()},
         }
         baseline_label = Path(baseline).name if baseline else None
         attnres_label = Path(model).name
@@ -338,6 +351,9 @@ def run_eval(
             ]
         )
         (staging / "results.json").write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
+        for label, results in outputs.items():  # per-document responses and scores, one JSON line per document
+            lines = [json.dumps({"task": task, **record}) for task, records in results["samples"].items() for record in records]
+            (staging / f"samples-{label}.jsonl").write_text("".join(line + "\n" for line in lines))
         (staging / "results.md").write_text(markdown.rstrip() + "\n")
         plot_comparison(rows, staging / "comparison.png", f"{attnres_label} vs {baseline_label or '—'}")
         if card_text is not None and RESULTS_START in card_text:  # an AttnRes card made by `attnres convert`

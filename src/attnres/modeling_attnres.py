@@ -16,9 +16,10 @@
 # limitations under the License.
 """PyTorch AttnRes model: a Llama-family decoder with Attention Residuals (shipped as remote code)."""
 
+import functools
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -30,22 +31,51 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, dynamic_rope_update
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import capture_outputs
-from transformers.utils.versions import require_version
 
-from .configuration_attnres import AttnResConfig
+from .configuration_attnres import AttnResConfig  # checks the transformers version first
 
-
-require_version(
-    "transformers>=5.23,<6",
-    "AttnRes remote code is written against the transformers 5.23 API. Run `pip install -U 'transformers>=5.23,<6'`.",
-)
 
 logger = logging.get_logger(__name__)
+
+# --- Compatibility across the supported transformers releases ---------------------------------------------------------
+# transformers 5.24 renamed the KV cache `past_key_values` -> `cache`: the forward argument that `generate` passes, the
+# output field it reads back, the mask helpers' argument, and the name `GradientCheckpointingLayer` clears. Releases
+# before 5.24 know only `past_key_values`. This file hands the cache to transformers under the installed release's
+# name (CACHE_NAME), and accepts both names from callers (`accepts_both_cache_names`).
+CACHE_NAME = "cache" if "cache" in {field.name for field in fields(BaseModelOutputWithPast)} else "past_key_values"
+
+
+def accepts_both_cache_names(forward: Callable) -> Callable:
+    """Let a `forward` whose KV-cache parameter is `cache` also be called with `past_key_values` (transformers < 5.24
+    and user code written for it), silently: both are current spellings somewhere in the supported range."""
+
+    @functools.wraps(forward)
+    def wrapper(self, *args, **kwargs):
+        if "past_key_values" in kwargs:
+            legacy = kwargs.pop("past_key_values")
+            if kwargs.get("cache") is not None and legacy is not None:
+                raise ValueError("Pass the KV cache as `cache` or as `past_key_values`, not both.")
+            kwargs["cache"] = kwargs.get("cache") if legacy is None else legacy
+        return forward(self, *args, **kwargs)
+
+    return wrapper
+
+
+class CacheFieldAlias:
+    """Before transformers 5.24 output classes have no `cache` field: let `outputs.cache` read `past_key_values`
+    there (5.24's own `ModelOutput` already answers to the old name)."""
+
+    @property
+    def cache(self) -> Cache | None:
+        return self.past_key_values
+
+
+OUTPUT_CACHE_ALIAS = (CacheFieldAlias,) if CACHE_NAME == "past_key_values" else ()
 
 # Kimi K3's names for the AttnRes tensors: per layer `self_attention_res_*` and `mlp_res_*`, and `output_attn_res_*`.
 ATTN_RES_PARAMETER = re.compile(r"(self_attention|mlp|output_attn)_res_(proj|norm)\.weight$")
@@ -198,7 +228,7 @@ class AttnResAttention(nn.Module):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         input_shape = hidden_states.shape[:-1]
@@ -216,8 +246,8 @@ class AttnResAttention(nn.Module):
         cos, sin = position_embeddings
         query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
 
-        if past_key_values is not None:
-            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+        if cache is not None:
+            key_states, value_states = cache.update(key_states, value_states, self.layer_idx)
 
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
@@ -437,8 +467,11 @@ class CommitSourceFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, sources, sources_inv_rms, source, source_inv_rms, index):
-        with torch.autograd._unsafe_preserve_version_counter((sources, sources_inv_rms)):
+        # A private torch API (checked on torch 2.6 and 2.13, where it takes one tensor), covered by the reentrant
+        # activation-checkpointing tests.
+        with torch.autograd._unsafe_preserve_version_counter(sources):
             sources[index] = source
+        with torch.autograd._unsafe_preserve_version_counter(sources_inv_rms):
             sources_inv_rms[index] = source_inv_rms
         ctx.index = index
         return sources, sources_inv_rms
@@ -535,6 +568,7 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
             ]
         )
 
+    @accepts_both_cache_names
     def forward(
         self,
         partial_sum: torch.Tensor | None,
@@ -543,7 +577,7 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         inter_block: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]] | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
         return_depth_attentions: bool = False,
@@ -559,7 +593,7 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         sublayer_kwargs = dict(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             use_cache=use_cache,
             position_embeddings=position_embeddings,
             **kwargs,
@@ -610,7 +644,7 @@ class AttnResPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["AttnResDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
@@ -631,7 +665,7 @@ class AttnResPreTrainedModel(PreTrainedModel):
 
 
 @dataclass
-class AttnResModelOutputWithPast(BaseModelOutputWithPast):
+class AttnResModelOutputWithPast(BaseModelOutputWithPast, *OUTPUT_CACHE_ALIAS):
     r"""
     hidden_states (`tuple(torch.Tensor)`, *optional*, returned when `output_hidden_states=True`):
         `num_hidden_layers + 1` tensors of shape `(batch_size, sequence_length, hidden_size)`: the input of each
@@ -647,7 +681,7 @@ class AttnResModelOutputWithPast(BaseModelOutputWithPast):
 
 
 @dataclass
-class AttnResCausalLMOutputWithPast(CausalLMOutputWithPast):
+class AttnResCausalLMOutputWithPast(CausalLMOutputWithPast, *OUTPUT_CACHE_ALIAS):
     r"""
     depth_attentions (`tuple(torch.Tensor)`, *optional*, returned when `output_depth_attentions=True`):
         See [`AttnResModelOutputWithPast`].
@@ -697,6 +731,7 @@ class AttnResModel(AttnResPreTrainedModel):
         self.num_completed_sources = len(config.depth_sources()[-1]) - 1
         self.post_init()
 
+    @accepts_both_cache_names
     @merge_with_config_defaults
     @capture_outputs
     def forward(
@@ -704,7 +739,7 @@ class AttnResModel(AttnResPreTrainedModel):
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         **kwargs: Unpack[TransformersKwargs],
@@ -725,10 +760,10 @@ class AttnResModel(AttnResPreTrainedModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
         if position_ids is None:
-            past_seen_tokens = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
             position_ids = position_ids.unsqueeze(0)
 
@@ -738,7 +773,7 @@ class AttnResModel(AttnResPreTrainedModel):
                 "config": self.config,
                 "inputs_embeds": inputs_embeds,
                 "attention_mask": attention_mask,
-                "past_key_values": past_key_values,
+                CACHE_NAME: cache,
                 "position_ids": position_ids,
             }
             causal_mask_mapping = {"full_attention": create_causal_mask(**mask_kwargs)}
@@ -749,9 +784,9 @@ class AttnResModel(AttnResPreTrainedModel):
         layer_kwargs = dict(
             position_embeddings=position_embeddings,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
             return_depth_attentions=output_depth_attentions,
+            **{CACHE_NAME: cache},  # the name GradientCheckpointingLayer clears when it recomputes the layer
             **kwargs,
         )
         partial_sum, sources, sources_inv_rms = inputs_embeds, None, None
@@ -812,7 +847,7 @@ class AttnResModel(AttnResPreTrainedModel):
 
         return AttnResModelOutputWithPast(
             last_hidden_state=hidden_states,
-            past_key_values=past_key_values,
+            **{CACHE_NAME: cache},
             hidden_states=tuple(all_hidden_states) + (hidden_states,) if output_hidden_states else None,
             depth_attentions=tuple(all_depth_attentions) if output_depth_attentions else None,
         )
@@ -829,13 +864,14 @@ class AttnResForCausalLM(AttnResPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @accepts_both_cache_names
     @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -856,12 +892,14 @@ class AttnResForCausalLM(AttnResPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             **kwargs,
         )
-        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        # Only compute the logits that are needed: the last `logits_to_keep` positions (0: all), or the given indices.
+        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        hidden_states = outputs.last_hidden_state[:, kept, :]
         logits = self.lm_head(hidden_states)
 
         loss = None
@@ -871,7 +909,7 @@ class AttnResForCausalLM(AttnResPreTrainedModel, GenerationMixin):
         return AttnResCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_NAME: outputs.cache},
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             depth_attentions=outputs.depth_attentions,
