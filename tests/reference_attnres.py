@@ -52,9 +52,20 @@ def final_sources(outputs: list[torch.Tensor], embedding: torch.Tensor, config) 
     return [embedding] + [sum(outputs[k * block_sublayers : (k + 1) * block_sublayers]) for k in range(num_blocks)]
 
 
-def reference_logits(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Logits of an AttnResForCausalLM (block or full mode, eager attention, no padding) computed the naive way,
-    and the depth-attention weights of every aggregation, each `(batch, seq, num_sources)`."""
+def running_sum_after(layer: int, outputs: list[torch.Tensor], config) -> torch.Tensor:
+    """What a decoder layer reports as its hidden state: the sum of the sublayer outputs since the last block start
+    (Full AttnRes: its MLP output)."""
+    if config.residual_mode == "full":
+        return outputs[2 * layer + 1]
+    block_sublayers = 2 * config.attn_res_block_size
+    first = (2 * layer + 1) // block_sublayers * block_sublayers
+    return sum(outputs[first : 2 * layer + 2])
+
+
+def reference_logits(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Logits of an AttnResForCausalLM (block or full mode, eager attention, no padding) computed the naive way, the
+    depth-attention weights of every aggregation, each `(batch, seq, num_sources)`, and the hidden state each decoder
+    layer reports (`running_sum_after`)."""
     config = model.config
     inner = model.model
     eps = config.rms_norm_eps
@@ -86,4 +97,5 @@ def reference_logits(model, input_ids: torch.Tensor) -> tuple[torch.Tensor, list
     hidden, alpha = aggregate(sources, inner.output_attn_res_proj.weight, inner.output_attn_res_norm.weight, eps)
     weights.append(alpha.permute(1, 2, 0))
     hidden = rms_norm(hidden, inner.norm.weight, eps / len(sources) ** 2)
-    return model.lm_head(hidden), weights
+    layer_outputs = [running_sum_after(layer, outputs, config) for layer in range(config.num_hidden_layers)]
+    return model.lm_head(hidden), weights, layer_outputs

@@ -5,12 +5,13 @@ import pytest
 from huggingface_hub.errors import StrictDataclassError
 
 from attnres import AttnResConfig
+from attnres.layout import depth_source_names
 from tests.tiny_models import COMMON, tiny_config
 
 
 def test_defaults_follow_the_paper():
     config = AttnResConfig()
-    assert config.residual_mode == "block"
+    assert config.residual_mode == "block" and config.attn_res_implementation == "two_phase"
     assert config.num_hidden_layers == 32
     assert (config.attn_res_num_blocks, config.attn_res_block_size) == (8, 4)  # N = 8
     assert config.head_dim == 128 and config.num_key_value_heads == 32
@@ -43,28 +44,29 @@ def test_unreachable_num_blocks_warns_and_stores_the_real_count(caplog):
     assert "7 blocks" in caplog.text
 
 
-def test_depth_sources_spell_out_eq6():
+def test_source_counts_and_names_spell_out_eq6():
     config = tiny_config(attn_res_block_size=2)  # 5 layers -> blocks [0-1], [2-3], [4]
-    sources = config.depth_sources()
-    assert len(sources) == 2 * 5 + 1
-    assert [len(s) for s in sources] == [1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4]
-    assert sources[0] == ["embedding"]
-    assert sources[4] == ["embedding", "block 1: layers 0-1"]  # first sublayer of block 2: no partial sum
-    assert sources[5] == ["embedding", "block 1: layers 0-1", "block 2: layers 2-3 (partial)"]
-    assert sources[-1] == ["embedding", "block 1: layers 0-1", "block 2: layers 2-3", "block 3: layers 4-4"]
+    names = depth_source_names(config)
+    counts = [config.num_depth_sources(sublayer) for sublayer in range(2 * 5 + 1)]
+    assert counts == [len(n) for n in names] == [1, 2, 2, 2, 2, 3, 3, 3, 3, 4, 4]
+    assert [config.sublayer_starts_block(s) for s in range(10)] == [True, False, False, False] * 2 + [True, False]
+    assert names[0] == ["embedding"]
+    assert names[4] == ["embedding", "block 1: layers 0-1"]  # first sublayer of block 2: no partial sum
+    assert names[5] == ["embedding", "block 1: layers 0-1", "block 2: layers 2-3 (partial)"]
+    assert names[-1] == ["embedding", "block 1: layers 0-1", "block 2: layers 2-3", "block 3: layers 4-4"]
 
 
-def test_depth_sources_of_kimi_48b_layout():
+def test_source_counts_of_kimi_48b_layout():
     # Paper §5.2: 27 transformer blocks, 6 sublayers (3 layers) per block -> 9 blocks + embedding = 10 sources.
-    sources = AttnResConfig(num_hidden_layers=27, attn_res_block_size=3).depth_sources()
-    assert len(sources[-1]) == 10
-    assert max(len(s) for s in sources) == 10
+    config = AttnResConfig(num_hidden_layers=27, attn_res_block_size=3)
+    counts = [config.num_depth_sources(sublayer) for sublayer in range(2 * 27 + 1)]
+    assert counts[-1] == max(counts) == 10 and config.sublayers_per_block == 6
 
 
 def test_full_mode_has_one_source_per_sublayer():
-    sources = tiny_config("full").depth_sources()
-    assert [len(s) for s in sources] == list(range(1, 12))
-    assert sources[-1][-1] == "layer 4 mlp"
+    config = tiny_config("full")
+    assert [config.num_depth_sources(s) for s in range(11)] == list(range(1, 12)) and config.sublayers_per_block == 1
+    assert depth_source_names(config)[-1][-1] == "layer 4 mlp"
 
 
 def test_json_round_trip(tmp_path):

@@ -145,7 +145,7 @@ def test_cli_convert_with_verify_and_force(tmp_path, capsys):
     (tmp_path / "dst").mkdir()
     (tmp_path / "dst" / "keep.txt").write_text("mine")
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst")]) == 1
-    assert "not empty; pass --force" in capsys.readouterr().err
+    assert "is not empty; choose another path or pass --force" in capsys.readouterr().err
     assert (tmp_path / "dst" / "keep.txt").read_text() == "mine"
 
     argv = ["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--force", "--mode", "full", "--verify", "--no-progress"]
@@ -224,11 +224,11 @@ def test_destination_inside_source_and_missing_source(tmp_path, capsys):
     assert "is inside SRC" in capsys.readouterr().err
     assert not (tmp_path / "src" / "grafted").exists()
     assert main(["convert", str(tmp_path / "nowhere" / "model"), str(tmp_path / "dst")]) == 1
-    assert "does not exist and is not a valid Hub id" in capsys.readouterr().err
+    assert "does not exist (expected a checkpoint directory, a .gguf file or a Hub id)" in capsys.readouterr().err
     # A well-formed Hub id while offline (tests run with HF_HUB_OFFLINE=1): the Hub's reason, in one line.
     assert main(["convert", "some-org/some-model", str(tmp_path / "dst")]) == 1
     err = capsys.readouterr().err
-    assert "is not a local directory and could not be downloaded from the Hub" in err and err.count("\n") == 1
+    assert "is not a local path and could not be downloaded from the Hub" in err and err.count("\n") == 1
     assert not (tmp_path / "dst").exists()
 
 

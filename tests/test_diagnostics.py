@@ -20,7 +20,8 @@ def test_zero_query_graft_measures_like_its_llama_source():
     assert abs(measured.loss - reference.loss) < 1e-5
     # each layer reads the mean of its n sources: the PreNorm stream divided by n (n = 1, 2, 2, 3, 3 at the layers'
     # attention inputs; the final output averages the embedding and 3 blocks: n = 4)
-    counts = [1, 2, 2, 3, 3, 4]
+    counts = [graft.config.num_depth_sources(sublayer) for sublayer in range(0, 11, 2)]
+    assert counts == [1, 2, 2, 3, 3, 4]
     for layer, n in enumerate(counts):
         expected = reference.layer_input_rms[layer] / n
         assert abs(measured.layer_input_rms[layer] - expected) <= 1e-5 * expected, (layer, n)

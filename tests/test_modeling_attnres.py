@@ -1,5 +1,6 @@
-"""Numerics of AttnResForCausalLM against independent references: transformers' own models (standard mode), the
-paper-literal loop of reference_attnres.py (block and full modes), and itself (cache, padding, checkpointing)."""
+"""Numerics of AttnResForCausalLM against independent references: transformers' own models (their blocks, and the
+whole network at zero queries), the paper-literal loop of reference_attnres.py, the naive implementation against
+the two-phase one, and itself (cache, padding, checkpointing)."""
 
 import copy
 
@@ -9,6 +10,8 @@ from transformers import AutoModelForCausalLM
 
 from attnres import AttnResConfig, AttnResForCausalLM
 from attnres.diagnostics import step_memory
+from attnres.layout import depth_source_names
+from attnres.modeling_attnres import AttnResRMSNorm
 from tests.conftest import TOLERANCES, assert_close, requires_fullgraph_compile
 from tests.reference_attnres import reference_logits
 from tests.tiny_models import FAMILIES, attnres_parameter_names, family_pair, randomize_, tiny_config
@@ -25,25 +28,28 @@ def attnres_model(residual_mode: str = "block", query_std: float | None = None, 
     return randomize_(AttnResForCausalLM(tiny_config(residual_mode, **overrides)), query_std=query_std).eval()
 
 
-# --- standard mode is the transformers model -------------------------------------------------------------------------
+# --- the Llama-family blocks are transformers' ------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_standard_mode_equals_transformers(family):
-    reference, model = family_pair(family, "standard")
-    ids = random_ids()
-    labels = random_ids(seed=1)
-    expected = reference(ids, labels=labels, output_hidden_states=True)
-    actual = model(ids, labels=labels, output_hidden_states=True)
-    assert_close(actual.logits, expected.logits, "exact", f"standard vs {family} logits")
-    assert_close(actual.loss, expected.loss, "exact", f"standard vs {family} loss")
-    assert len(actual.hidden_states) == len(expected.hidden_states) == 6
-    for ours, theirs in zip(actual.hidden_states, expected.hidden_states):
-        assert_close(ours, theirs, "exact", f"standard vs {family} hidden states")
-
-
-def test_standard_mode_has_no_attnres_parameters():
-    assert attnres_parameter_names(AttnResForCausalLM(tiny_config("standard"))) == set()
+def test_sublayers_compute_what_transformers_blocks_compute(family):
+    """The attention (with Qwen2's bias, Qwen3's QK-norm, sliding windows, Llama-3 RoPE), MLP, RMSNorm and rotary
+    embedding are copies of transformers' own: bit-identical outputs from the same weights and inputs."""
+    reference, model = family_pair(family)
+    theirs, ours = reference.model, model.model
+    hidden = torch.randn(2, SEQ, 32)
+    position_ids = torch.arange(SEQ)[None].expand(2, -1)
+    position_embeddings = theirs.rotary_emb(hidden, position_ids)
+    for ours_part, theirs_part in zip(ours.rotary_emb(hidden, position_ids), position_embeddings):
+        assert_close(ours_part, theirs_part, "exact", f"{family} rotary embedding")
+    for layer, (our_layer, their_layer) in enumerate(zip(ours.layers, theirs.layers)):
+        attention = dict(position_embeddings=position_embeddings, attention_mask=None)
+        assert_close(our_layer.self_attn(hidden, **attention)[0], their_layer.self_attn(hidden, **attention)[0],
+                     "exact", f"{family} layer {layer} attention")  # fmt: skip
+        assert_close(our_layer.mlp(hidden), their_layer.mlp(hidden), "exact", f"{family} layer {layer} MLP")
+    norm = AttnResRMSNorm(32, eps=theirs.norm.variance_epsilon)
+    norm.load_state_dict(theirs.norm.state_dict())
+    assert_close(norm(hidden), theirs.norm(hidden), "exact", f"{family} RMSNorm")
 
 
 # --- zero pseudo-queries reproduce the PreNorm network ---------------------------------------------------------------
@@ -54,18 +60,27 @@ def test_standard_mode_has_no_attnres_parameters():
 def test_zero_queries_equal_standard(family, mode, overrides):
     reference, model = family_pair(family, mode, **overrides)
     ids = random_ids()
-    assert_close(model(ids).logits, reference(ids).logits, "fp32", f"zero-query {mode}{overrides} vs {family}")
+    labels = random_ids(seed=1)
+    expected, actual = reference(ids, labels=labels), model(ids, labels=labels)
+    assert_close(actual.logits, expected.logits, "fp32", f"zero-query {mode}{overrides} vs {family}")
+    assert_close(actual.loss, expected.loss, "fp32", f"zero-query {mode}{overrides} vs {family} loss")
 
 
-def test_zero_query_hidden_states_are_the_stream_over_the_source_count():
-    """The claim behind the exact graft: a zero-query aggregation over n sources is the residual stream / n."""
+def test_zero_query_layer_inputs_are_the_stream_over_the_source_count():
+    """The claim behind the exact graft: a zero-query aggregation over n sources is the residual stream / n. The
+    input each layer's attention reads is its `attention_input` module's output; Llama's is its hidden state."""
     reference, model = family_pair("llama", "block")
     ids = random_ids()
     theirs = reference(ids, output_hidden_states=True).hidden_states
-    ours = model(ids, output_hidden_states=True).hidden_states
-    counts = [len(s) for s in model.config.depth_sources()[0::2]]  # each layer's attention aggregation
-    for layer_idx, count in enumerate(counts[:-1]):
-        assert_close(ours[layer_idx] * count, theirs[layer_idx], "fp32", f"layer {layer_idx} input x {count}")
+    ours = []
+    handles = [layer.attention_input.register_forward_hook(lambda _m, _a, out: ours.append(out[0]))
+               for layer in model.model.layers]  # fmt: skip
+    model(ids)
+    for handle in handles:
+        handle.remove()
+    for layer_idx, layer_input in enumerate(ours):
+        count = model.config.num_depth_sources(2 * layer_idx)
+        assert_close(layer_input * count, theirs[layer_idx], "fp32", f"layer {layer_idx} input x {count}")
 
 
 def test_eps_rescaling_is_what_makes_zero_queries_exact():
@@ -98,18 +113,26 @@ def test_eps_rescaling_is_what_makes_zero_queries_exact():
     ],
 )
 @pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no-grad"])
-def test_model_equals_naive_reference(mode, overrides, grad):
+@pytest.mark.parametrize("implementation", ["two_phase", "naive"])
+def test_model_equals_paper_literal_loop(mode, overrides, grad, implementation):
     """With autograd the sources go through the custom autograd functions; without, they are plain buffer writes."""
-    model = attnres_model(mode, query_std=0.3, attn_implementation="eager", **overrides)
+    model = attnres_model(mode, query_std=0.3, attn_implementation="eager", attn_res_implementation=implementation,
+                          **overrides)  # fmt: skip
     ids = random_ids()
     with torch.no_grad():
-        expected_logits, expected_weights = reference_logits(model, ids)
+        expected_logits, expected_weights, expected_layer_outputs = reference_logits(model, ids)
     with torch.set_grad_enabled(grad):
-        output = model(ids, output_depth_attentions=True)
-    assert_close(output.logits, expected_logits, "fp32_reference", f"{mode}{overrides} vs naive reference")
+        output = model(ids, output_depth_attentions=True, output_hidden_states=True)
+    what = f"{implementation} {mode}{overrides}"
+    assert_close(output.logits, expected_logits, "fp32_reference", f"{what} vs the paper-literal loop")
     assert len(output.depth_attentions) == len(expected_weights) == 2 * model.config.num_hidden_layers + 1
     for ours, theirs in zip(output.depth_attentions, expected_weights):
-        assert_close(ours, theirs, "fp32", f"{mode}{overrides} depth weights")
+        assert_close(ours, theirs, "fp32", f"{what} depth weights")
+    # hidden states: the embedding, each layer's running sum, the final normalised output
+    assert len(output.hidden_states) == model.config.num_hidden_layers + 1
+    assert torch.equal(output.hidden_states[0], model.model.embed_tokens(ids))
+    for layer, (ours, theirs) in enumerate(zip(output.hidden_states[1:-1], expected_layer_outputs)):
+        assert_close(ours, theirs, "fp32_reference", f"{what} layer {layer} output")
     # The weights are not trivially uniform: random queries make them input dependent.
     assert max(w.std().item() for w in output.depth_attentions if w.shape[-1] > 1) > 0.05
 
@@ -123,11 +146,13 @@ def test_model_equals_naive_reference(mode, overrides, grad):
         ("full", {}),
     ],
 )
-def test_gradients_equal_naive_reference(mode, overrides):
+@pytest.mark.parametrize("implementation", ["two_phase", "naive"])
+def test_gradients_equal_paper_literal_loop(mode, overrides, implementation):
     """The hand-written backward of phase 1 and of the commits (`DepthAttentionFunction`, `CommitSourceFunction`)
     against autograd through the paper-literal loop: every parameter's gradient, for a loss that reaches the
-    aggregations through the logits and through the reported depth weights (phase 1's `logits` output)."""
-    model = attnres_model(mode, query_std=0.3, attn_implementation="eager", **overrides)
+    aggregations through the logits and through the reported depth weights (phase 1's `probabilities` output)."""
+    model = attnres_model(mode, query_std=0.3, attn_implementation="eager", attn_res_implementation=implementation,
+                          **overrides)  # fmt: skip
     ids = random_ids()
 
     def loss_of(logits, weights):  # fixed random projections of everything the model reports
@@ -136,7 +161,7 @@ def test_gradients_equal_naive_reference(mode, overrides):
             (w * torch.randn(w.shape, generator=generator)).sum() for w in weights
         )
 
-    loss_of(*reference_logits(model, ids)).backward()
+    loss_of(*reference_logits(model, ids)[:2]).backward()
     expected = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     output = model(ids, output_depth_attentions=True)
@@ -148,23 +173,23 @@ def test_gradients_equal_naive_reference(mode, overrides):
     # ≤ 1e-5; a wrong term in the backward gives O(1)).
     errors = {name: ((ours[name] - grad).norm() / grad.norm().clamp_min(1e-12)).item() for name, grad in expected.items()}
     worst = max(errors, key=errors.get)
-    print(f"[relative-error] {mode}{overrides} gradients vs naive reference: {errors[worst]:.2g} ({worst})")
+    print(f"[relative-error] {implementation} {mode}{overrides} gradients vs the loop: {errors[worst]:.2g} ({worst})")
     assert errors[worst] < TOLERANCES["fp32_grad_relative"], worst
     query_grads = [g.abs().max().item() for n, g in ours.items() if "res_proj" in n]
     assert max(query_grads) > 1e-3  # the comparison covers live pseudo-query gradients
 
 
-def test_depth_attentions_are_uniform_at_init_and_sum_to_one():
-    model = AttnResForCausalLM(tiny_config("block")).eval()
+@pytest.mark.parametrize("mode", ["block", "full"])
+def test_depth_attentions_are_uniform_at_init_and_sum_to_one(mode):
+    model = AttnResForCausalLM(tiny_config(mode)).eval()
     weights = model(random_ids(), output_depth_attentions=True).depth_attentions
-    for sources, w in zip(model.config.depth_sources(), weights):
+    names = depth_source_names(model.config)
+    assert len(weights) == len(names) == 2 * model.config.num_hidden_layers + 1
+    for sublayer, (sources, w) in enumerate(zip(names, weights)):
+        assert len(sources) == model.config.num_depth_sources(sublayer)
         assert w.dtype == torch.float32 and w.shape == (2, SEQ, len(sources))
         assert_close(w, torch.full_like(w, 1 / len(sources)), "fp32", "zero-init depth weights")
-
-
-def test_standard_mode_returns_no_depth_attentions():
-    model = AttnResForCausalLM(tiny_config("standard")).eval()
-    assert model(random_ids(), output_depth_attentions=True).depth_attentions is None
+    assert model(random_ids()).depth_attentions is None  # only when asked for
 
 
 @pytest.mark.parametrize("mode", ["block", "full"])
@@ -199,7 +224,7 @@ def test_incremental_decoding_equals_full_forward(family, mode):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-@pytest.mark.parametrize("mode", ["block", "full", "standard"])
+@pytest.mark.parametrize("mode", ["block", "full"])
 def test_generate_with_cache_equals_without_and_the_source_model(family, mode):
     """`generate` decodes through the KV cache under whatever name the installed transformers passes it (`cache` from
     5.24, `past_key_values` before): a cache that is silently dropped makes every token after the first depend on that
@@ -212,11 +237,10 @@ def test_generate_with_cache_equals_without_and_the_source_model(family, mode):
     assert expected.shape == (2, SEQ + 10)
     assert torch.equal(model.generate(prompt, use_cache=True, **kwargs), expected)
     assert torch.equal(model.generate(prompt, use_cache=False, **kwargs), expected)
-    if mode != "standard":
-        randomize_(model, query_std=0.3)
-        cached = model.generate(prompt, use_cache=True, **kwargs)
-        assert not torch.equal(cached, expected)  # the queries matter, so the agreement below is not the source's
-        assert torch.equal(cached, model.generate(prompt, use_cache=False, **kwargs))
+    randomize_(model, query_std=0.3)
+    cached = model.generate(prompt, use_cache=True, **kwargs)
+    assert not torch.equal(cached, expected)  # the queries matter, so the agreement below is not the source's
+    assert torch.equal(cached, model.generate(prompt, use_cache=False, **kwargs))
 
 
 def test_both_names_of_the_kv_cache_work_in_both_directions():
@@ -435,15 +459,23 @@ def test_device_map_auto_with_disk_offload_matches(tmp_path):
     )
     assert "disk" in set(offloaded.hf_device_map.values())
     ids = random_ids()
-    assert_close(offloaded(ids).logits, model(ids).logits, "exact", "disk-offloaded vs in-memory logits")
+    # Offloaded layers hold meta tensors outside their forward, so each computes its own phase 1 instead of sharing
+    # its block's: the same sums, grouped differently.
+    assert_close(offloaded(ids).logits, model(ids).logits, "fp32", "disk-offloaded vs in-memory logits")
 
 
-def test_standard_checkpoint_loads_into_every_mode(tmp_path):
-    standard = attnres_model("standard")
-    standard.save_pretrained(tmp_path)
-    for mode in ("block", "full"):
-        config = AttnResConfig.from_pretrained(tmp_path, residual_mode=mode)
-        model, info = AttnResForCausalLM.from_pretrained(tmp_path, config=config, output_loading_info=True)
-        assert set(info["missing_keys"]) == attnres_parameter_names(model) != set()
-        assert not info["unexpected_keys"]
-    copy.deepcopy(standard)  # modules hold no per-forward state
+def test_a_checkpoint_loads_into_the_other_mode_with_only_its_mode_changed(tmp_path):
+    block = attnres_model("block", query_std=0.3)
+    block.save_pretrained(tmp_path)
+    config = AttnResConfig.from_pretrained(tmp_path, residual_mode="full")
+    model, info = AttnResForCausalLM.from_pretrained(tmp_path, config=config, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]  # same parameters, other source sets
+    assert not torch.equal(model.eval()(random_ids()).logits, block(random_ids()).logits)
+    copy.deepcopy(model)  # modules hold no per-forward state
+
+
+def test_the_retired_standard_mode_names_its_replacement():
+    from huggingface_hub.errors import StrictDataclassError
+
+    with pytest.raises(StrictDataclassError, match="LlamaForCausalLM"):
+        tiny_config("standard")

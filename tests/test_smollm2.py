@@ -14,9 +14,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def smollm2(tmp_path_factory):
-    from attnres.smollm2 import fetch_smollm2
+    from attnres.fetch import fetch
 
-    gguf = fetch_smollm2()
+    gguf = fetch("smollm2-135m-instruct")
     destination = tmp_path_factory.mktemp("smollm2") / "smollm2-attnres"
     assert main(["convert", str(gguf), str(destination), "--num-blocks", "8", "--no-progress"]) == 0
     return gguf, destination

@@ -1,7 +1,7 @@
 """Tiny models for the tests: AttnRes configs and their transformers twins (Llama, Qwen2, Qwen3, Mistral).
 
 Each family is described once, as the kwargs its transformers config takes and the AttnResConfig kwargs that describe
-the same architecture, so the "standard mode == transformers" tests compare like with like.
+the same architecture, so that the "AttnRes at zero queries == transformers" tests compare like with like.
 """
 
 import torch
@@ -104,11 +104,17 @@ def randomize_(model: nn.Module, seed: int = 0, query_std: float | None = None) 
     return model
 
 
-def family_pair(family: str, residual_mode: str = "standard", **attnres_overrides):
+def family_reference(family: str):
+    """A randomly initialised transformers model of `family`, in eval mode, fp32."""
+    config_class, model_class, hf_kwargs, _ = FAMILIES[family]
+    return randomize_(model_class(config_class(**COMMON, **hf_kwargs))).eval()
+
+
+def family_pair(family: str, residual_mode: str = "block", **attnres_overrides):
     """A randomly initialised transformers model of `family` and an AttnRes model of the same architecture holding
-    the same weights (AttnRes parameters, if any, at their zero init). Both in eval mode, fp32."""
-    config_class, model_class, hf_kwargs, attnres_kwargs = FAMILIES[family]
-    reference = randomize_(model_class(config_class(**COMMON, **hf_kwargs))).eval()
+    the same weights (AttnRes parameters at their zero init). Both in eval mode, fp32."""
+    attnres_kwargs = FAMILIES[family][3]
+    reference = family_reference(family)
     model = AttnResForCausalLM(tiny_config(residual_mode, **attnres_kwargs, **attnres_overrides)).eval()
     result = model.load_state_dict(reference.state_dict(), strict=False)
     assert not result.unexpected_keys, result.unexpected_keys

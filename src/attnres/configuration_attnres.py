@@ -29,13 +29,13 @@ require_version(
 
 from huggingface_hub.dataclasses import strict  # noqa: E402
 from transformers.configuration_utils import PreTrainedConfig  # noqa: E402
-from transformers.modeling_rope_utils import RopeParameters  # noqa: E402
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters  # noqa: E402
 from transformers.utils import logging  # noqa: E402
 
 
 logger = logging.get_logger(__name__)
 
-RESIDUAL_MODES = ("block", "full", "standard")
+RESIDUAL_MODES = ("block", "full")
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 DEFAULT_NUM_BLOCKS = 8  # the paper's N: "N ≈ 8 recovers most of the benefit across model scales"
 AUTO_MAP = {
@@ -55,12 +55,12 @@ class AttnResConfig(PreTrainedConfig):
     AttnRes replaces the PreNorm sum `h_l = h_1 + Σ_{i<l} f_i(h_i)` by a softmax over depth: each sublayer (attention
     or MLP) and the final output own a learned pseudo-query `w`; keys are the RMS-normalised sources, values the raw
     sources. The sources are the token embedding and, in `"block"` mode, the sums of completed blocks of layers plus
-    the running sum of the current block; in `"full"` mode, every sublayer output.
+    the running sum of the current block; in `"full"` mode, every sublayer output. (A plain PreNorm model is
+    transformers' `LlamaForCausalLM`, with the same parameter names.)
 
     Args (AttnRes-specific; the others mean what they mean in `LlamaConfig`):
         residual_mode (`str`, *optional*, defaults to `"block"`):
-            `"block"` (Block AttnRes), `"full"` (Full AttnRes) or `"standard"` (plain PreNorm residuals: the model
-            then computes exactly what `LlamaForCausalLM` computes, and has no AttnRes parameters).
+            `"block"` (Block AttnRes) or `"full"` (Full AttnRes: blocks of one sublayer).
         attn_res_block_size (`int`, *optional*):
             Number of **decoder layers** (each = one attention + one MLP sublayer, i.e. two of the paper's "layers")
             per block; the unit of Kimi K3's `attn_res_block_size`. The paper's block size `S` in sublayers is twice
@@ -71,8 +71,11 @@ class AttnResConfig(PreTrainedConfig):
             `ceil(num_hidden_layers / N)`, and the number of blocks stored is the one that block size yields (it can
             be smaller than asked, e.g. 28 layers with `N=8` give blocks of 4 layers and 7 blocks; a warning says
             so). With neither field given, `N = min(8, num_hidden_layers)`. Both fields describe the partition
-            `"block"` mode uses; they are kept (and ignored) in the other modes so that one config can be switched
-            between modes.
+            `"block"` mode uses; they are kept (and ignored) in `"full"` mode so that one config can be switched.
+        attn_res_implementation (`str`, *optional*, defaults to `"two_phase"`):
+            How the depth softmax is computed: `"two_phase"` (the paper's two-phase computation, O(N·d) memory) or
+            `"naive"` (the paper's equations as written; the reference). Both compute the same function; see
+            `ATTN_RES_IMPLEMENTATIONS` in `modeling_attnres.py`.
         qk_norm (`bool`, *optional*, defaults to `False`):
             RMSNorm on each query and key head before RoPE (Qwen3).
         qkv_bias (`bool`, *optional*, defaults to `False`):
@@ -125,6 +128,7 @@ class AttnResConfig(PreTrainedConfig):
     residual_mode: str = "block"
     attn_res_block_size: int | None = None
     attn_res_num_blocks: int | None = None
+    attn_res_implementation: str = "two_phase"
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None and self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads == 0:
@@ -167,6 +171,11 @@ class AttnResConfig(PreTrainedConfig):
 
     def validate_architecture(self):
         """Part of `@strict`-powered validation: every error names the field, the value and the fix."""
+        if self.residual_mode == "standard":
+            raise ValueError(
+                "residual_mode='standard' is no longer an AttnRes mode: a plain PreNorm model is transformers' "
+                "LlamaForCausalLM, with the same parameter names; load these weights with a LlamaConfig."
+            )
         if self.residual_mode not in RESIDUAL_MODES:
             raise ValueError(f"residual_mode must be one of {RESIDUAL_MODES}, got {self.residual_mode!r}.")
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"):
@@ -182,6 +191,9 @@ class AttnResConfig(PreTrainedConfig):
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of num_key_value_heads "
                 f"({self.num_key_value_heads})."
             )
+        rope_type = (self.rope_parameters or {}).get("rope_type", "default")
+        if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(f"rope_parameters: unknown rope_type {rope_type!r}; known: default, {', '.join(ROPE_INIT_FUNCTIONS)}.")
         self._validate_layer_types()
         self._validate_block_partition()
 
@@ -220,48 +232,24 @@ class AttnResConfig(PreTrainedConfig):
                 "of the two."
             )
 
-    def sublayer_starts_block(self, sublayer_idx: int) -> bool:
-        """Whether sublayer `sublayer_idx` (two per decoder layer: `2 * layer_idx` is the attention, `+ 1` the MLP)
-        opens a new block: the running partial sum is then committed as a completed source before the sublayer reads
-        its input, and the sublayer's output starts a fresh partial sum. Only meaningful for the AttnRes modes.
+    @property
+    def sublayers_per_block(self) -> int:
+        """The paper's block size `S`, in sublayers: two per decoder layer of a block; one in Full AttnRes, where
+        every sublayer output is a source of its own."""
+        return 1 if self.residual_mode == "full" else 2 * self.attn_res_block_size
 
-        Block mode commits at the attention sublayer of layers `0, B, 2B, ...` (at layer 0 the "partial sum" is the
-        token embedding, which thereby becomes source `b_0`); full mode commits before every sublayer, so every
-        sublayer output becomes a source of its own.
-        """
-        if self.residual_mode == "full":
-            return True
-        return sublayer_idx % 2 == 0 and (sublayer_idx // 2) % self.attn_res_block_size == 0
+    def sublayer_starts_block(self, sublayer: int) -> bool:
+        """Whether sublayer `sublayer` (`2 * layer` is a layer's attention, `2 * layer + 1` its MLP) opens a block:
+        the running sum of the previous block (at sublayer 0, the token embedding) is then a completed source."""
+        return sublayer % self.sublayers_per_block == 0
 
-    def depth_sources(self) -> list[list[str]]:
-        """Names of the sources each AttnRes aggregation attends over, in order: one list per sublayer (`2 *
-        num_hidden_layers` of them) and a last one for the final output. This is paper Eq. 6 spelled out, used to
-        size the model and to label depth-attention maps. In `"standard"` mode every input is the residual stream."""
-        if self.residual_mode == "standard":
-            return [["residual stream"]] * (2 * self.num_hidden_layers + 1)
-        completed: list[str] = []
-        partial = "embedding"
-        sources_per_aggregation = []
-        for sublayer_idx in range(2 * self.num_hidden_layers):
-            if self.sublayer_starts_block(sublayer_idx):
-                completed.append(partial)
-                sources_per_aggregation.append(list(completed))
-                partial = self._source_name(sublayer_idx, len(completed))
-            else:
-                sources_per_aggregation.append(completed + [partial + " (partial)"])
-        if self.residual_mode == "full":
-            completed.append(partial)
-            sources_per_aggregation.append(list(completed))
-        else:
-            sources_per_aggregation.append(completed + [partial])
-        return sources_per_aggregation
-
-    def _source_name(self, sublayer_idx: int, block_idx: int) -> str:
-        layer_idx, kind = divmod(sublayer_idx, 2)
-        if self.residual_mode == "full":
-            return f"layer {layer_idx} {'mlp' if kind else 'attn'}"
-        last_layer = min(layer_idx + self.attn_res_block_size, self.num_hidden_layers) - 1
-        return f"block {block_idx}: layers {layer_idx}-{last_layer}"
+    def num_depth_sources(self, sublayer: int) -> int:
+        """How many sources the aggregation before sublayer `sublayer` attends over (paper Eq. 6); `sublayer =
+        2 * num_hidden_layers` is the final output's. The embedding and the completed blocks, plus the current
+        block's partial sum unless the sublayer opens a block: `1 + n + [i > 0]` for the `i`-th sublayer of block
+        `n` (counted from 0)."""
+        block, position = divmod(sublayer, self.sublayers_per_block)
+        return 1 + block + (position > 0)
 
 
 __all__ = ["AttnResConfig"]

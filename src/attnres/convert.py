@@ -9,13 +9,12 @@ rotary buffers), in which case one shard at a time is rewritten. Everything is w
 to the destination, which replaces the destination only once complete.
 """
 
-import importlib.util
 import json
 import logging
 import math
 import os
+import re
 import shutil
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,15 +22,19 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from huggingface_hub.errors import StrictDataclassError
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers.activations import ACT2FN
 from transformers.dynamic_module_utils import custom_object_save
 
 from .configuration_attnres import AttnResConfig
+from .errors import AttnResError
 from .families import SUPPORTED_FAMILIES, attnres_config_kwargs, unsupported_message
 from .model_card import render_model_card, source_license
+from .model_sources import locate_model, local_checkpoint
 from .modeling_attnres import AttnResForCausalLM
-from .paths import replace_directory
+from .paths import staged_directory
 
 
 logger = logging.getLogger(__name__)
@@ -57,10 +60,11 @@ CARRIED_PATTERNS = ("LICENSE*", "NOTICE*", "USE_POLICY*")
 # Buffers some old Llama checkpoints saved although they are recomputed from the config: dropped, never an error.
 DROPPABLE_SUFFIXES = (".rotary_emb.inv_freq",)
 COPY_CHUNK_BYTES = 256 * 2**20
+LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
 VERIFY_TEXT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    if n < 2:\n        return n\n"
 
 
-class ConversionError(ValueError):
+class ConversionError(AttnResError):
     """The source, the destination or the options cannot be converted: the message says why and what to do."""
 
 
@@ -87,14 +91,14 @@ def graft(
     revision: str | None = None,
     progress: bool = True,
     command: str | None = None,
-    base_model: str | None = None,
 ) -> Path:
     """Write an AttnRes checkpoint grafted onto the PreNorm causal LM `source` to `destination`.
 
     Args:
         source: a local checkpoint directory, a Hub id, or a GGUF file (or a directory holding one, without a
             config.json) of the Llama, Mistral, Qwen2 or Qwen3 family; GGUF weights are dequantized by transformers.
-        destination: the directory to create. An existing non-empty one is refused unless `force`.
+        destination: the directory to create. An existing non-empty one is refused unless `force`; a symbolic link is
+            followed.
         mode: `"block"` (Block AttnRes) or `"full"` (Full AttnRes).
         num_blocks / block_size: the block partition (the paper's N, or decoder layers per block); default N = 8.
         dtype: `"float32"`, `"bfloat16"` or `"float16"` to convert the weights; default keeps the source's.
@@ -102,7 +106,6 @@ def graft(
         revision: the Hub revision to download.
         progress: show a progress bar.
         command: how the conversion was invoked, for the model card.
-        base_model: the source's name for the model card (default: `source`).
 
     Returns:
         The destination directory. `AutoModelForCausalLM.from_pretrained(destination, trust_remote_code=True)`
@@ -114,140 +117,85 @@ def graft(
         raise ConversionError("give --num-blocks or --block-size, not both")
     if dtype is not None and dtype not in DTYPES:
         raise ConversionError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    destination = Path(destination).absolute()
-    gguf_file = find_gguf(Path(source))
-    if gguf_file is not None:
-        check_destination(gguf_file, destination, force=force)
-        destination.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(prefix=f".{destination.name}.gguf-", dir=destination.parent) as plain:
-            dequantize_gguf(gguf_file, Path(plain))
-            return graft(
-                plain, destination, mode=mode, num_blocks=num_blocks, block_size=block_size, dtype=dtype, force=force,
-                progress=progress, command=command or f"attnres convert {source} {destination.name} --mode {mode}",
-                base_model=gguf_file.name,
-            )  # fmt: skip
-    source_dir = resolve_source(source, revision=revision, allow_pickle=allow_pickle)
-    check_destination(source_dir, destination, force=force)
-
-    source_config = read_source_config(source_dir)
-    config = build_config(source_config, mode=mode, num_blocks=num_blocks, block_size=block_size)
-    shards = read_source_shards(source_dir, allow_pickle=allow_pickle)
-    with torch.device("meta"):
-        model = AttnResForCausalLM(config)
-    target_dtype = DTYPES[dtype] if dtype else source_dtype(source_config, shards)
-    config.dtype = target_dtype
-    config.architectures = [AttnResForCausalLM.__name__]
-    check_tensors_match(model, shards, tie_word_embeddings=config.tie_word_embeddings)
-
-    created_root = first_missing_ancestor(destination.parent)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    work_dir = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
-    try:
-        write_weights(model, shards, work_dir, target_dtype=target_dtype if dtype else None, progress=progress)
-        config.save_pretrained(work_dir)
-        custom_object_save(model, work_dir, config=config)  # ships modeling_attnres.py (remote code)
-        carry_files(source_dir, work_dir)
-        card = render_model_card(
-            config,
-            base_model=base_model or str(source),
-            base_model_is_hub_id=base_model is None and not Path(source).exists(),
-            license_fields=source_license(source_dir),
-            command=command or f"attnres convert {source} {destination.name} --mode {mode}",
-            dtype=str(target_dtype).removeprefix("torch."),
-        )
-        (work_dir / "README.md").write_text(card)
-        replace_directory(work_dir, destination)
-    except BaseException:
-        shutil.rmtree(work_dir, ignore_errors=True)
-        if created_root is not None:
-            shutil.rmtree(created_root, ignore_errors=True)
-        raise
+    located = locate_model(str(source), flag="SRC")
+    destination = Path(destination).expanduser().absolute()
+    if located.hub_id is None:
+        check_not_nested(located.directory or located.gguf_file, destination)
+    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja", "README.md", *CARRIED_PATTERNS]
+    command = command or f"attnres convert {source} {destination.name} --mode {mode}"
+    with staged_directory(destination, force=force, flag="DST") as work_dir:
+        with local_checkpoint(
+            located,
+            revision=revision,
+            allow_patterns=patterns + (["*.bin"] if allow_pickle else []),
+            scratch_dir=work_dir,  # a dequantized GGUF source lives inside the staging directory until it is removed
+        ) as source_dir:
+            source_config = read_source_config(source_dir)
+            shards = read_source_shards(source_dir, allow_pickle=allow_pickle)
+            check_layers_match(source_config.num_hidden_layers, shards)  # before building a model of that depth
+            config = build_config(source_config, mode=mode, num_blocks=num_blocks, block_size=block_size)
+            with torch.device("meta"):
+                model = AttnResForCausalLM(config)
+            target_dtype = DTYPES[dtype] if dtype else source_dtype(source_config, shards)
+            config.dtype = target_dtype
+            config.architectures = [AttnResForCausalLM.__name__]
+            check_tensors_match(model, shards, tie_word_embeddings=config.tie_word_embeddings)
+            write_weights(model, shards, work_dir, target_dtype=target_dtype if dtype else None, progress=progress)
+            config.save_pretrained(work_dir)
+            custom_object_save(model, work_dir, config=config)  # ships modeling_attnres.py (remote code)
+            carry_files(source_dir, work_dir)
+            card = render_model_card(
+                config,
+                base_model=located.hub_id or (located.gguf_file or located.directory).name,
+                base_model_is_hub_id=located.hub_id is not None,
+                license_fields=source_license(source_dir),
+                command=command,
+                dtype=str(target_dtype).removeprefix("torch."),
+            )
+            (work_dir / "README.md").write_text(card)
     return destination
+
+
+def check_not_nested(source: Path, destination: Path) -> None:
+    """DST may be neither inside SRC (a checkpoint directory) nor hold it (replacing DST would delete it)."""
+    source_dir, resolved = source.resolve(), destination.resolve()
+    if source_dir.is_dir() and (resolved == source_dir or resolved.is_relative_to(source_dir)):
+        raise ConversionError(f"DST {str(destination)!r} is inside SRC {str(source_dir)!r}; choose a directory outside it")
+    if source_dir.is_relative_to(resolved):
+        raise ConversionError(f"SRC {str(source_dir)!r} is inside DST {str(destination)!r}; replacing DST would delete it")
 
 
 # --- the source ------------------------------------------------------------------------------------------------------
 
 
-def resolve_source(source: str | os.PathLike, *, revision: str | None, allow_pickle: bool) -> Path:
-    """A local directory as is; anything else is taken as a Hub id and downloaded (config, tokenizer, weights)."""
-    path = Path(source)
-    if path.is_dir():
-        return path.absolute()
-    if path.exists():
-        raise ConversionError(f"SRC {str(source)!r} is a file; give the checkpoint directory (or a Hub id)")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError
-
-    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja", "README.md", *CARRIED_PATTERNS]
-    if allow_pickle:
-        patterns.append("*.bin")
-    try:
-        return Path(snapshot_download(str(source), revision=revision, allow_patterns=patterns))
-    except HFValidationError:
-        raise ConversionError(f"SRC {str(source)!r} does not exist and is not a valid Hub id") from None
-    except Exception as error:  # offline, 404, gated, ...: the Hub's message says which
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConversionError(f"SRC {str(source)!r} is not a local directory and could not be downloaded from the Hub: {first_line}") from None
-
-
-def find_gguf(path: Path) -> Path | None:
-    """The GGUF file `path` names: the file itself, or the only .gguf in a directory that has no config.json."""
-    if path.is_file() and path.suffix == ".gguf":
-        return path.absolute()
-    if path.is_dir() and not (path / "config.json").exists():
-        found = sorted(path.glob("*.gguf"))
-        if len(found) > 1:
-            raise ConversionError(f"SRC {path} holds {len(found)} .gguf files; give the one to convert")
-        return found[0].absolute() if found else None
-    return None
-
-
-def dequantize_gguf(gguf_file: Path, output: Path) -> None:
-    """Write `output` as a plain transformers checkpoint (fp32 safetensors, config, tokenizer with its chat template)
-    from a GGUF file, which transformers reads and dequantizes (`gguf_file=`)."""
-    if importlib.util.find_spec("gguf") is None:
-        raise ConversionError("reading GGUF files needs the gguf package: pip install 'attnres[gguf]'")
-    try:
-        quantized = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    except (ValueError, KeyError, OSError) as error:
-        raise ConversionError(f"cannot read {gguf_file.name} as a transformers causal LM: {error}") from None
-    # A model loaded from GGUF refuses save_pretrained ("quantized with gguf"): rebuild it without the quantization
-    # record, sharing the dequantized tensors.
-    config_dict = quantized.config.to_dict()
-    config_dict.pop("quantization_config", None)
-    config = type(quantized.config).from_dict(config_dict)
-    with torch.device("meta"):
-        plain = type(quantized)(config)
-    plain.load_state_dict(quantized.state_dict(), assign=True, strict=True)
-    plain.tie_weights()
-    plain.save_pretrained(output)
-    tokenizer.save_pretrained(output)
-    license_file = gguf_file.parent / "LICENSE"
-    if license_file.is_file():
-        shutil.copyfile(license_file, output / "LICENSE")
-
-
 def read_source_config(source_dir: Path):
+    """The source's transformers config, for a family this converter maps; a config.json that is not one is an error
+    that says what is wrong with it."""
     config_file = source_dir / "config.json"
     if not config_file.is_file():
         raise ConversionError(f"SRC {str(source_dir)!r} has no config.json: is it a transformers checkpoint?")
     try:
-        model_type = json.loads(config_file.read_text()).get("model_type")
-    except json.JSONDecodeError as error:
+        raw = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ConversionError(f"{config_file} is not valid JSON: {error}") from None
-    if model_type not in SUPPORTED_FAMILIES:
-        raise ConversionError(unsupported_message(model_type))
-    return AutoConfig.from_pretrained(source_dir)
+    if not isinstance(raw, dict):
+        raise ConversionError(f"{config_file} must hold a JSON object (a transformers config), not {type(raw).__name__}")
+    model_type = raw.get("model_type")
+    if not isinstance(model_type, str) or model_type not in SUPPORTED_FAMILIES:
+        raise ConversionError(unsupported_message(model_type if isinstance(model_type, str) else repr(model_type)))
+    try:
+        return AutoConfig.from_pretrained(source_dir)
+    except (StrictDataclassError, ValueError, TypeError, KeyError) as error:  # transformers' own config validation
+        raise ConversionError(f"{config_file} is not a valid {model_type} config: {one_line(error)}") from None
 
 
 def build_config(source_config, *, mode: str, num_blocks: int | None, block_size: int | None) -> AttnResConfig:
-    from huggingface_hub.errors import StrictDataclassError
-
     layers = source_config.num_hidden_layers
     for flag, value in (("--num-blocks", num_blocks), ("--block-size", block_size)):
         if value is not None and not 1 <= value <= layers:
             raise ConversionError(f"{flag} must be between 1 and the source's number of layers ({layers}), got {value}")
+    if source_config.hidden_act not in ACT2FN:
+        raise ConversionError(f"config.json: hidden_act {source_config.hidden_act!r} is not an activation transformers knows")
     try:
         return AttnResConfig(
             **attnres_config_kwargs(source_config),
@@ -256,17 +204,19 @@ def build_config(source_config, *, mode: str, num_blocks: int | None, block_size
             attn_res_block_size=block_size,
         )
     except StrictDataclassError as error:
-        raise ConversionError(" ".join(line.strip() for line in str(error).splitlines())) from None
+        raise ConversionError(f"config.json: {one_line(error)}") from None
+
+
+def one_line(error: BaseException) -> str:
+    """An exception's message on one line (validation errors of configs span several)."""
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip()) or type(error).__name__
 
 
 def read_source_shards(source_dir: Path, *, allow_pickle: bool) -> list[SourceShard]:
     """The source's weight files with their tensor names, dtypes and shapes, validated from the headers."""
     index = source_dir / "model.safetensors.index.json"
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as error:
-            raise ConversionError(f"{index} is not a valid safetensors index ({error})") from None
+        weight_map = read_weight_map(index)
         files = sorted(set(weight_map.values()))
     elif (source_dir / "model.safetensors").is_file():
         weight_map, files = None, ["model.safetensors"]
@@ -301,11 +251,41 @@ def read_source_shards(source_dir: Path, *, allow_pickle: bool) -> list[SourceSh
     return shards
 
 
+def read_weight_map(index: Path) -> dict[str, str]:
+    """The index's tensor -> file map, checked: plain file names of SRC's own directory only, never a path that leaves
+    it (`../other/model.safetensors` or an absolute path would copy someone else's file into DST)."""
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+        raise ConversionError(f"{index} is not a valid safetensors index ({error})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(file, str) for file in weight_map.values()):
+        raise ConversionError(f"{index}: 'weight_map' must map tensor names to file names")
+    for file in set(weight_map.values()):
+        if Path(file).name != file or file in ("", ".", ".."):
+            raise ConversionError(f"{index} points to {file!r}, outside SRC; an index may only name files beside it")
+    return weight_map
+
+
 def read_pickled_shard(path: Path) -> SourceShard:
-    state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # torch's unpickler raises what the bytes provoke (UnpicklingError, RuntimeError, ...)
+        raise ConversionError(f"{path} is not a readable PyTorch weights file: {str(error).splitlines()[0]}") from None
     reverse = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
     tensors = {key: (reverse.get(t.dtype, str(t.dtype)), list(t.shape)) for key, t in state_dict.items()}
     return SourceShard(path=path, tensors=tensors, pickled=True)
+
+
+def check_layers_match(num_hidden_layers: int, shards: list[SourceShard]) -> None:
+    """The weights hold exactly the decoder layers config.json declares (checked from the tensor names, so that a
+    config claiming 100,000 layers is refused before a model of that depth is built)."""
+    layers = {int(match[1]) for shard in shards for name in shard.tensors if (match := LAYER_INDEX.match(name))}
+    if layers != set(range(num_hidden_layers)):
+        found = f"layers 0-{max(layers)}" if layers == set(range(len(layers))) and layers else f"{len(layers)} layer index(es)"
+        raise ConversionError(
+            f"config.json declares num_hidden_layers={num_hidden_layers} but the weights hold {found}: does config.json "
+            "describe these weights?"
+        )
 
 
 def source_dtype(source_config, shards: list[SourceShard]) -> torch.dtype:
@@ -343,29 +323,6 @@ def check_tensors_match(model: AttnResForCausalLM, shards: list[SourceShard], *,
     present_attnres = attnres & set(found)
     if present_attnres:
         raise ConversionError(f"the source already has AttnRes parameters ({sorted(present_attnres)[0]}, ...)")
-
-
-# --- the destination -------------------------------------------------------------------------------------------------
-
-
-def check_destination(source_dir: Path, destination: Path, *, force: bool) -> None:
-    source_dir, resolved = source_dir.resolve(), destination.resolve()
-    if resolved == source_dir or resolved.is_relative_to(source_dir):
-        raise ConversionError(f"DST {str(destination)!r} is inside SRC {str(source_dir)!r}; choose a directory outside it")
-    if source_dir.is_relative_to(resolved):
-        raise ConversionError(f"SRC {str(source_dir)!r} is inside DST {str(destination)!r}; replacing DST would delete it")
-    if destination.exists() and not destination.is_dir():
-        raise ConversionError(f"DST {str(destination)!r} exists and is not a directory")
-    if destination.is_dir() and any(destination.iterdir()) and not force:
-        raise ConversionError(f"DST {str(destination)!r} exists and is not empty; pass --force to replace it")
-
-
-def first_missing_ancestor(path: Path) -> Path | None:
-    """The outermost directory of `path` that does not exist yet (to remove it again if the conversion fails)."""
-    missing = None
-    while not path.exists():
-        missing, path = path, path.parent
-    return missing
 
 
 # --- writing ---------------------------------------------------------------------------------------------------------
@@ -487,15 +444,13 @@ def verify_graft(
 ) -> dict:
     """Load the source and the grafted checkpoint in fp32 (both at once: memory for two fp32 models) and compare them on
     `text`: the largest logit difference and whether greedy decoding produces the same tokens."""
-    gguf_file = find_gguf(Path(source))
-    source_dir = gguf_file.parent if gguf_file else resolve_source(source, revision=None, allow_pickle=False)
+    located = locate_model(str(source), flag="SRC")
     destination = Path(destination)
     if any((destination / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         input_ids = AutoTokenizer.from_pretrained(destination)(text, return_tensors="pt").input_ids
     else:  # no tokenizer: any token ids make the comparison
         input_ids = torch.arange(32)[None] % AttnResConfig.from_pretrained(destination).vocab_size
-    gguf = {"gguf_file": gguf_file.name} if gguf_file else {}
-    base = AutoModelForCausalLM.from_pretrained(source_dir, dtype=torch.float32, **gguf).eval()
+    base = AutoModelForCausalLM.from_pretrained(**located.from_pretrained_kwargs(), dtype=torch.float32).eval()
     grafted = AttnResForCausalLM.from_pretrained(destination, dtype=torch.float32).eval()
     diff = (grafted(input_ids).logits - base(input_ids).logits).abs().max().item()
     generation = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=base.config.eos_token_id)

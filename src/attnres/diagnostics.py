@@ -10,17 +10,19 @@
 - **Training-step memory**: the bytes a training step holds for its backward pass and its peak (`step_memory`),
   the measure of the paper's O(N·d) claim for Block AttnRes.
 
-The same measurements work for any causal LM whose `output_hidden_states` returns each layer's input (Llama,
-Mistral, Qwen, AttnRes), so a standard model can be shown side by side with its AttnRes counterpart.
+The same measurements work for any Llama-family causal LM (Llama, Mistral, Qwen, AttnRes), so a standard model can be
+shown side by side with its AttnRes counterpart.
 """
 
 import json
 import math
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from .layout import depth_source_names
 from .peft_support import is_attn_res_parameter
 
 
@@ -45,32 +47,21 @@ def collect(model, input_ids: torch.Tensor, label: str) -> Diagnostics:
     The model's parameters get gradients (then cleared); nothing is updated."""
     model.eval()
     model.zero_grad(set_to_none=True)
-    config = model.config
-    is_attnres = getattr(config, "model_type", None) == "attnres" and config.residual_mode != "standard"
-    extra = {"output_depth_attentions": True} if is_attnres else {}
-    hidden = {}
-
-    def keep_final(_module, _args, output):  # the final hidden state before the last norm
-        hidden["final"] = _args[0].detach()
-
-    handle = model.model.norm.register_forward_hook(keep_final)
-    try:
-        outputs = model(input_ids, labels=input_ids, output_hidden_states=True, **extra)
+    is_attnres = getattr(model.config, "model_type", None) == "attnres"
+    with recorded_layer_inputs(model) as layer_inputs:
+        outputs = model(input_ids, labels=input_ids, output_depth_attentions=True) if is_attnres else model(
+            input_ids, labels=input_ids
+        )
         outputs.loss.backward()
-    finally:
-        handle.remove()
-    layers = model.model.layers
-    layer_inputs = outputs.hidden_states[: len(layers)]
-    rms = [float(h.detach().float().pow(2).mean().sqrt()) for h in layer_inputs]
-    rms.append(float(hidden["final"].float().pow(2).mean().sqrt()))
+    rms = [float(h.float().pow(2).mean().sqrt()) for h in layer_inputs]
     grad_norms = []
-    for layer in layers:  # the layer's own weights; its AttnRes parameters are left out, so models compare like for like
+    for layer in model.model.layers:  # its own weights; AttnRes parameters left out, so models compare like for like
         grads = [p.grad for name, p in layer.named_parameters() if p.grad is not None and not is_attn_res_parameter(name)]
         grad_norms.append(math.sqrt(sum(float(g.float().pow(2).sum()) for g in grads)))
     model.zero_grad(set_to_none=True)
     result = Diagnostics(label, rms, grad_norms, float(outputs.loss.detach()), int(input_ids.numel()))
     if is_attnres:
-        sources = config.depth_sources()
+        sources = depth_source_names(model.config)
         result.source_names = [name.removesuffix(" (partial)") for name in sources[-1]]
         result.row_names = [f"{i // 2}.{'mlp' if i % 2 else 'attn'}" for i in range(len(sources) - 1)] + ["output"]
         result.depth_attention = []
@@ -78,6 +69,31 @@ def collect(model, input_ids: torch.Tensor, label: str) -> Diagnostics:
             mean = weights.detach().float().mean(dim=(0, 1)).tolist()
             result.depth_attention.append(mean + [math.nan] * (len(result.source_names) - len(mean)))
     return result
+
+
+@contextmanager
+def recorded_layer_inputs(model):
+    """Collects, in order, the hidden state each decoder layer reads and the one the final norm reads: for AttnRes the
+    output of its `attention_input` aggregation, for a PreNorm model (Llama, Mistral, Qwen) the residual stream the
+    layer is called with. Forward hooks, removed on exit."""
+    inputs: list[torch.Tensor] = []
+
+    def keep_output(_module, _args, output):
+        inputs.append(output[0].detach())
+
+    def keep_input(_module, args, _output):
+        inputs.append(args[0].detach())
+
+    if getattr(model.config, "model_type", None) == "attnres":
+        hooks = [layer.attention_input.register_forward_hook(keep_output) for layer in model.model.layers]
+    else:
+        hooks = [layer.register_forward_hook(keep_input) for layer in model.model.layers]
+    hooks.append(model.model.norm.register_forward_hook(keep_input))
+    try:
+        yield inputs
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def step_memory(model, input_ids: torch.Tensor) -> tuple[int, int]:
@@ -167,3 +183,42 @@ def format_diagnostics(runs: list[Diagnostics]) -> str:
 
 def _short(name: str) -> str:
     return name.split(":")[0] if name.startswith("block") else name
+
+
+def diagnose(model: str, text_file: Path, output: Path, *, baseline: str | None = None, max_tokens: int = 512) -> str:
+    """`attnres inspect --text`: measure `model` (and `baseline`) on the first `max_tokens` tokens of `text_file` and
+    write depth_attention.png, magnitudes.png, diagnostics.md and diagnostics.json into `output`; returns the table."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .errors import AttnResError
+    from .model_sources import locate_model
+    from .paths import check_replaceable, staged_directory
+
+    if max_tokens < 1:
+        raise AttnResError(f"--max-tokens must be a positive number of tokens, got {max_tokens}")
+    if not text_file.is_file():
+        raise AttnResError(f"--text {text_file} is not a file")
+    check_replaceable(output.absolute(), force=False, flag="--output")
+    sources = {"AttnRes": locate_model(model, flag="model")}
+    if baseline is not None:
+        sources["baseline"] = locate_model(baseline, flag="--baseline")
+    tokenizer = AutoTokenizer.from_pretrained(**sources["AttnRes"].from_pretrained_kwargs(), trust_remote_code=True)
+    text = text_file.read_text(errors="replace")
+    input_ids = tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens]
+    if input_ids.shape[1] < 2:
+        raise AttnResError(f"--text {text_file} has {input_ids.shape[1]} token(s); the measurement needs at least two")
+    runs = []
+    for label, source in sources.items():
+        loaded = AutoModelForCausalLM.from_pretrained(
+            **source.from_pretrained_kwargs(), trust_remote_code=True, dtype=torch.float32
+        )
+        runs.append(collect(loaded, input_ids, f"{label}: {Path(source.name).name}"))
+        del loaded
+    table = format_diagnostics(runs)
+    losses = ", ".join(f"{run.label} {run.loss:.4f}" for run in runs)
+    with staged_directory(output, flag="--output") as staging:
+        plot_depth_attention(runs[0], staging / "depth_attention.png")
+        plot_magnitudes(runs, staging / "magnitudes.png")
+        (staging / "diagnostics.md").write_text(f"{input_ids.shape[1]} tokens of {text_file.name}; loss: {losses}\n\n{table}\n")
+        (staging / "diagnostics.json").write_text(json.dumps([run.to_dict() for run in runs], indent=2) + "\n")
+    return table

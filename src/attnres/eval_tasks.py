@@ -25,6 +25,8 @@ from pathlib import Path
 
 import yaml
 
+from .errors import AttnResError
+
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +35,7 @@ DATA_EXTENSIONS = {".jsonl": "json", ".jsonl.gz": "json", ".json": "json", ".par
 SPLIT_KEYS = ("training_split", "validation_split", "test_split", "fewshot_split")
 
 
-class TaskSetupError(ValueError):
+class TaskSetupError(AttnResError):
     """A task cannot be set up as asked (unknown name, missing data, missing dependency)."""
 
 

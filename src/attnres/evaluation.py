@@ -1,11 +1,13 @@
 # Copyright 2026 The attnres authors. Licensed under the Apache License, Version 2.0.
 """`attnres eval`: run the benchmark suite with lm-eval's Python API and compare a baseline with an AttnRes model.
 
-Each model is wrapped in lm-eval's `HFLM` (`trust_remote_code=True`, so AttnRes checkpoints load as remote code)
-and evaluated with `simple_evaluate` on the task directory that `eval_tasks.write_task_configs` writes. lm-eval's
-`use_cache` keeps every model response in SQLite, keyed by the model's identity, so an interrupted run resumes
-where it stopped. The report (results.json, results.md, comparison.png) is written to a temporary directory
-and renamed into place at the end: an existing directory is never half-written or silently replaced.
+Three steps, each a function: `evaluate_model` wraps each model in lm-eval's `HFLM` (`trust_remote_code=True`, so
+AttnRes checkpoints load as remote code) and runs `simple_evaluate` on the task configs `eval_tasks` writes;
+`comparison_rows` pairs the two models' scores; `write_report` renders results.md, results.json, the per-document
+samples, comparison.png and the model card. `run_eval` is the glue. lm-eval's `use_cache` keeps every model response
+in SQLite, keyed by the model's identity, so an interrupted run resumes where it stopped; under `accelerate launch` /
+`torchrun`, HFLM splits the requests across the processes and the first one writes the report. The report is
+staged next to `--output` and renamed into place at the end (`paths.staged_directory`).
 """
 
 import hashlib
@@ -18,20 +20,15 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .errors import AttnResError
+from .eval_tasks import SUITE, BenchmarkTask, PreparedTasks, check_requirements, write_task_configs
 from .model_card import RESULTS_START, fill_results
-from .paths import is_missing_local_path, replace_directory
-from .eval_tasks import (
-    SUITE,
-    BenchmarkTask,
-    PreparedTasks,
-    check_requirements,
-    write_task_configs,
-)
+from .model_sources import locate_model
+from .paths import check_replaceable, staged_directory
 
 
 logger = logging.getLogger(__name__)
 
-WEIGHT_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
 
 
 @dataclass
@@ -54,16 +51,15 @@ class ComparisonRow:
         return {**asdict(self), "delta": self.delta}
 
 
-def resolve_model(model: str) -> str:
-    """A local checkpoint directory (must hold config.json) or a Hub id; anything else is a clear error."""
-    path = Path(model).expanduser()
-    if path.exists():
-        if not (path / "config.json").is_file():
-            raise ValueError(f"{model} is not a model checkpoint (no config.json in it)")
-        return str(path.resolve())
-    if is_missing_local_path(model):
-        raise ValueError(f"model {model!r} does not exist (expected a checkpoint directory or a Hub id like org/name)")
-    return model
+def resolve_model(name: str, flag: str) -> str:
+    """What HFLM loads for `name`: a local checkpoint directory (absolute) or a Hub id."""
+    located = locate_model(name, flag=flag)
+    if located.gguf_file is not None:
+        raise AttnResError(
+            f"{flag} {name!r} is a GGUF file; convert it first (`attnres fetch --transformers-dir`, or `attnres "
+            "convert` for a graft) so that both models are evaluated from the same dequantized weights"
+        )
+    return str(located.directory or located.hub_id)
 
 
 def model_fingerprint(model: str, dtype: str) -> str:
@@ -99,9 +95,10 @@ def evaluate_model(
     cache_dir: Path | None,
     allow_code_execution: bool,
     label: str,
-) -> dict:
+) -> dict | None:
     """lm-eval's full results for one model (`simple_evaluate`'s return value), with its per-document records moved
-    to `results["samples"]` in the compact form `sample_records` gives."""
+    to `results["samples"]` in the compact form `sample_records` gives; `None` on the processes of a distributed run
+    other than the first."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -130,6 +127,8 @@ def evaluate_model(
         confirm_run_unsafe_code=allow_code_execution,
     )
     del lm
+    if results is None:  # simple_evaluate gathers the results on the first process of a distributed run
+        return None
     results["samples"] = sample_records(results.get("samples", {}))
     return json.loads(json.dumps(results, default=_jsonable))
 
@@ -282,98 +281,97 @@ def run_eval(
     force: bool = False,
     update_model_card: bool = False,
     command: str = "",
-) -> dict:
-    """Evaluate `model` (and `baseline`) and write results.json, results.md and comparison.png into `output`."""
+) -> dict | None:
+    """Evaluate `model` (and `baseline`) and write the report into `output`; returns the report, or `None` on the
+    processes of a distributed run other than the first (which writes it)."""
     from .code_execution import OPT_IN_VARIABLE, REFUSAL
 
     if any(task.name == "humaneval" for task in tasks) and not allow_code_execution:
-        raise ValueError(REFUSAL)
+        raise AttnResError(REFUSAL)
     check_requirements(tasks)
-    model = resolve_model(model)
-    baseline = resolve_model(baseline) if baseline else None
+    models = {"attnres": resolve_model(model, "--model")}
+    if baseline:
+        models = {"baseline": resolve_model(baseline, "--baseline"), **models}
     output = output.expanduser()
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not force:
-        raise FileExistsError(f"{output} exists and is not empty; choose another --output or pass --force")
-    card_path = Path(model) / "README.md"
+    check_replaceable(output.absolute(), force=force, flag="--output")
+    card_path = Path(models["attnres"]) / "README.md"
     card_text = card_path.read_text() if card_path.is_file() else None
     if update_model_card and (card_text is None or RESULTS_START not in card_text):
-        raise ValueError(f"--update-model-card: {card_path} is missing or has no results section ({RESULTS_START})")
+        raise AttnResError(f"--update-model-card: {card_path} is missing or has no results section ({RESULTS_START})")
     opt_in_before = os.environ.get(OPT_IN_VARIABLE)
     if allow_code_execution:
         os.environ[OPT_IN_VARIABLE] = "1"  # the opt-in that code_eval and attnres.code_execution check
-
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
-        task_dir = staging / "lm_eval_tasks"
-        task_dir.mkdir()
-        prepared = write_task_configs(tasks, task_dir, num_fewshot=num_fewshot, data_dir=data_dir)
-        common = dict(
-            limit=limit,
-            batch_size=batch_size,
-            device=device,
-            dtype=dtype,
-            max_gen_toks=max_gen_toks,
-            cache_dir=cache_dir,
-            allow_code_execution=allow_code_execution,
-        )
-        outputs = {}
-        if baseline is not None:
-            outputs["baseline"] = evaluate_model(baseline, prepared, label="baseline", **common)
-        outputs["attnres"] = evaluate_model(model, prepared, label="attnres", **common)
-        rows = comparison_rows(tasks, prepared.names, outputs["attnres"], outputs.get("baseline"))
-        report = {
-            "command": command,
-            "models": {"attnres": model, **({"baseline": baseline} if baseline else {})},
-            "tasks": {task.name: prepared.names[task.name] for task in tasks},
-            "num_fewshot": num_fewshot,
-            "limit": limit,
-            "notes": prepared.notes,
-            "comparison": [row.to_dict() for row in rows],
-            "lm_eval": {label: {k: v for k, v in results.items() if k != "samples"} for label, results in outputs.items()},
-        }
-        baseline_label = Path(baseline).name if baseline else None
-        attnres_label = Path(model).name
-        table = format_table(rows, baseline_label, attnres_label)
-        settings = settings_summary(tasks, num_fewshot, outputs["attnres"], prepared)
-        markdown = "\n".join(
-            [
-                f"# attnres eval: {attnres_label}" + (f" vs {baseline_label}" if baseline_label else ""),
-                "",
-                table,
-                "",
-                "Settings:",
-                *settings,
-                *([f"- limit: first {limit} documents per subtask (not a full-benchmark score)"] if limit else []),
-                "- ± is lm-eval's standard error of each score; the two models answer the same questions.",
-                "",
-                f"Command: `{command}`" if command else "",
-            ]
-        )
-        (staging / "results.json").write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
-        for label, results in outputs.items():  # per-document responses and scores, one JSON line per document
-            lines = [json.dumps({"task": task, **record}) for task, records in results["samples"].items() for record in records]
-            (staging / f"samples-{label}.jsonl").write_text("".join(line + "\n" for line in lines))
-        (staging / "results.md").write_text(markdown.rstrip() + "\n")
-        plot_comparison(rows, staging / "comparison.png", f"{attnres_label} vs {baseline_label or '—'}")
-        if card_text is not None and RESULTS_START in card_text:  # an AttnRes card made by `attnres convert`
-            (staging / "model_card.md").write_text(fill_results(card_text, rows, table, settings, attnres_label))
-        shutil.rmtree(staging / "lm_eval_tasks")
-        replace_directory(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        with tempfile.TemporaryDirectory(prefix="attnres-lm-eval-tasks-") as task_dir:
+            prepared = write_task_configs(tasks, Path(task_dir), num_fewshot=num_fewshot, data_dir=data_dir)
+            settings = dict(limit=limit, batch_size=batch_size, device=device, dtype=dtype, max_gen_toks=max_gen_toks,
+                            cache_dir=cache_dir, allow_code_execution=allow_code_execution)  # fmt: skip
+            outputs = {label: evaluate_model(name, prepared, label=label, **settings) for label, name in models.items()}
     finally:
         if opt_in_before is None:
             os.environ.pop(OPT_IN_VARIABLE, None)
         else:
             os.environ[OPT_IN_VARIABLE] = opt_in_before
+    if any(results is None for results in outputs.values()):  # not the first process of a distributed run
+        return None
+    rows = comparison_rows(tasks, prepared.names, outputs["attnres"], outputs.get("baseline"))
+    report = {
+        "command": command,
+        "models": models,
+        "tasks": {task.name: prepared.names[task.name] for task in tasks},
+        "num_fewshot": num_fewshot,
+        "limit": limit,
+        "notes": prepared.notes,
+        "comparison": [row.to_dict() for row in rows],
+        "lm_eval": {label: {k: v for k, v in results.items() if k != "samples"} for label, results in outputs.items()},
+    }
+    with staged_directory(output, force=force, flag="--output") as staging:
+        report["table"] = write_report(staging, report, rows, tasks, prepared, outputs, card_text)
     if update_model_card:
         replacement = card_path.with_name(f".{card_path.name}.attnres-tmp")
         shutil.copyfile(output / "model_card.md", replacement)
         os.replace(replacement, card_path)
-    report["table"] = table
     return report
+
+
+def write_report(
+    directory: Path,
+    report: dict,
+    rows: list[ComparisonRow],
+    tasks: list[BenchmarkTask],
+    prepared: PreparedTasks,
+    outputs: dict[str, dict],
+    card_text: str | None,
+) -> str:
+    """results.json, results.md, samples-<model>.jsonl, comparison.png and, for a checkpoint made by `attnres convert`,
+    model_card.md; returns the markdown table."""
+    labels = {label: Path(name).name for label, name in report["models"].items()}
+    table = format_table(rows, labels.get("baseline"), labels["attnres"])
+    settings = settings_summary(tasks, report["num_fewshot"], outputs["attnres"], prepared)
+    limit = report["limit"]
+    markdown = "\n".join(
+        [
+            f"# attnres eval: {labels['attnres']}" + (f" vs {labels['baseline']}" if "baseline" in labels else ""),
+            "",
+            table,
+            "",
+            "Settings:",
+            *settings,
+            *([f"- limit: first {limit} documents per subtask (not a full-benchmark score)"] if limit else []),
+            "- ± is lm-eval's standard error of each score; the two models answer the same questions.",
+            "",
+            f"Command: `{report['command']}`" if report["command"] else "",
+        ]
+    )
+    (directory / "results.json").write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
+    (directory / "results.md").write_text(markdown.rstrip() + "\n")
+    for label, results in outputs.items():  # per-document responses and scores, one JSON line per document
+        lines = [json.dumps({"task": task, **record}) for task, records in results["samples"].items() for record in records]
+        (directory / f"samples-{label}.jsonl").write_text("".join(line + "\n" for line in lines))
+    plot_comparison(rows, directory / "comparison.png", f"{labels['attnres']} vs {labels.get('baseline', '—')}")
+    if card_text is not None and RESULTS_START in card_text:  # an AttnRes card made by `attnres convert`
+        (directory / "model_card.md").write_text(fill_results(card_text, rows, table, settings, labels["attnres"]))
+    return table
 
 
 def _jsonable(value):

@@ -8,6 +8,8 @@ invariant to the stream's scale (see `AttnResModel`), and because their sublayer
 
 from transformers import PreTrainedConfig
 
+from .errors import AttnResError
+
 
 SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
@@ -42,7 +44,7 @@ def attnres_config_kwargs(source: PreTrainedConfig) -> dict:
     """The `AttnResConfig` fields that reproduce `source` (a Llama/Mistral/Qwen2/Qwen3 config) exactly."""
     model_type = getattr(source, "model_type", None)
     if model_type not in SUPPORTED_FAMILIES:
-        raise ValueError(unsupported_message(model_type))
+        raise AttnResError(unsupported_message(model_type))
     kwargs = {
         name: getattr(source, name)
         for name in (

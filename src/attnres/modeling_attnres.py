@@ -35,7 +35,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, can_return_tuple, logging
 from transformers.utils.generic import merge_with_config_defaults
-from transformers.utils.output_capturing import capture_outputs
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_attnres import AttnResConfig  # checks the transformers version first
 
@@ -268,6 +268,12 @@ class AttnResAttention(nn.Module):
         return attn_output, attn_weights
 
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Attention Residuals (paper Eq. 2-6). Sublayer `l` reads `h_l = Σ_i α_{i→l} v_i`, `α_{i→l} = softmax_i(w_l · k_i)`,
+# `k_i = RMSNorm(v_i)`, over its sources `v_i`: the token embedding, the completed block sums and the running sum of
+# the current block (Full AttnRes: every earlier sublayer output).
+
+
 def cast(tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     # `.to(dtype)` to the tensor's own dtype is a no-op that still costs a dispatch; in decoding, where every tensor
     # here is one token wide, dispatches are the cost.
@@ -279,14 +285,12 @@ def as_float32(tensor: torch.Tensor) -> torch.Tensor:
 
 
 class AttnResPseudoQuery(nn.Module):
-    """The learned pseudo-query `w_l ∈ R^d` of one AttnRes aggregation (paper Eq. 2-3).
+    """The learned pseudo-query `w_l` of one aggregation (paper Eq. 3), zero at initialisation (§3).
 
     Stored with the shape of Kimi K3's `nn.Linear(hidden_size, 1, bias=False)` weight, so checkpoints share the
     `*_res_proj.weight` tensors, but it is deliberately not an `nn.Linear`: it is never applied as a projection, and
-    PEFT's `target_modules="all-linear"` must not wrap it with a LoRA adapter that the depth attention would ignore.
-    It is zero-initialised in `AttnResPreTrainedModel._init_weights` (paper §3: uniform weights at the start).
-    Parameters are read through module calls (never `.weight` from outside), so that accelerate's offloading hooks
-    and PEFT's `modules_to_save` wrappers see them.
+    PEFT's `target_modules="all-linear"` must not wrap it. Read by calling the module, so that the hooks of offloading
+    engines and PEFT's `modules_to_save` wrappers see the read.
     """
 
     def __init__(self, hidden_size: int) -> None:
@@ -294,60 +298,91 @@ class AttnResPseudoQuery(nn.Module):
         self.weight = nn.Parameter(torch.empty(1, hidden_size))
 
     def forward(self) -> torch.Tensor:
-        """The query in fp32, `(1, hidden)`."""
+        """`w`, fp32, `(1, hidden)`."""
         return as_float32(self.weight)
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.weight.shape[-1]}"
 
 
-class AttnResKeyRMSNorm(nn.Module):
-    """The RMSNorm of one aggregation's keys: `k̂ = γ ⊙ v / rms(v)` (paper Eq. 2; Kimi K3's `*_res_norm`).
-
-    The logit `w · (γ ⊙ v / rms(v)) = (w ⊙ γ) · v / rms(v)`, so the learnable scale γ is applied to the query side
-    (`forward`) and the keys are never materialised; `1 / rms(v)` depends on the source only, so it is computed once
-    per source (with `config.rms_norm_eps`) and shared by every aggregation that reads it.
-    """
+class AttnResKeyNorm(nn.Module):
+    """The learnable scale `γ` of one aggregation's key RMSNorm, `k_i = γ ⊙ v_i / rms(v_i)` (paper Eq. 2; Kimi K3's
+    `*_res_norm`), one at initialisation."""
 
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.weight = nn.Parameter(torch.empty(hidden_size))
 
-    def forward(self, query: torch.Tensor) -> torch.Tensor:
-        """`w ⊙ γ`, the query to dot with RMS-normalised sources, in fp32."""
-        return query * as_float32(self.weight)
+    def forward(self) -> torch.Tensor:
+        """`γ`, fp32, `(1, hidden)`."""
+        return as_float32(self.weight).unsqueeze(0)
 
     def extra_repr(self) -> str:
-        return f"{tuple(self.weight.shape)}"
+        return f"hidden_size={self.weight.shape[-1]}"
 
 
-def inverse_rms(hidden_states: torch.Tensor, eps: float) -> torch.Tensor:
-    """`1 / sqrt(mean(x²) + eps)` over the hidden dimension, in fp32 and in one pass over `x`: (..., hidden) -> (...)."""
-    norm = torch.linalg.vector_norm(hidden_states, dim=-1, dtype=torch.float32)
-    return torch.rsqrt((norm * norm).mul_(1 / hidden_states.shape[-1]).add_(eps))
-
-
-def depth_attention(
-    sources: torch.Tensor, sources_inv_rms: torch.Tensor, queries: torch.Tensor, num_sources: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Phase 1 of the paper's two-phase computation (§4.2, Algorithm 1): softmax attention of several pseudo-queries
-    over the first `num_sources` completed sources at once, returning each query's softmax statistics so that the
-    running partial sum can be merged in afterwards. Each source is read twice (logits, then the weighted sum),
-    whatever the number of queries.
+def naive_depth_attention(
+    values: torch.Tensor, query: torch.Tensor, key_weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One aggregation exactly as the paper writes it (Eq. 2-4; Figure 2's `block_attn_res`): the reference.
 
     Args:
-        sources (`torch.Tensor` of shape `(max_sources, batch, seq, hidden)`): the sources buffer `v_i`.
-        sources_inv_rms (`torch.Tensor` of shape `(max_sources, batch, seq)`): `1 / rms(v_i)`, fp32.
-        queries (`torch.Tensor` of shape `(num_queries, hidden)`): `w ⊙ γ` of each aggregation, fp32.
+        values (`torch.Tensor` of shape `(num_sources, batch, seq, hidden)`): the sources `v_i`, oldest first.
+        query (`torch.Tensor` of shape `(hidden,)`): the pseudo-query `w`.
+        key_weight (`torch.Tensor` of shape `(hidden,)`): the key RMSNorm's scale `γ`.
+        eps (`float`): the key RMSNorm's epsilon.
 
     Returns:
-        `outputs` `(batch, seq, num_queries, hidden)`: `Σ_i softmax_i(logits) v_i` in the sources' dtype;
-        `logsumexp` `(batch, seq, num_queries)`, and `logits` and `probabilities` `(num_sources, batch, seq,
-        num_queries)`, fp32.
+        The aggregated input `(batch, seq, hidden)` in the sources' dtype, and the weights `α` `(batch, seq,
+        num_sources)`. Everything is computed in fp32, whatever the model's dtype.
     """
-    _, batch, seq, hidden = sources.shape
-    stack = as_float32(sources[:num_sources])
-    logits = torch.matmul(stack, queries.t()) * sources_inv_rms[:num_sources].unsqueeze(-1)
+    values32 = values.float()
+    keys = key_weight * values32 * torch.rsqrt(values32.pow(2).mean(-1, keepdim=True) + eps)  # k_i = RMSNorm(v_i)
+    weights = torch.einsum("d,nbsd->nbs", query, keys).softmax(dim=0)  # φ(w, k) = exp(wᵀk): no temperature
+    hidden = torch.einsum("nbs,nbsd->bsd", weights, values32)  # Σ_i α_i v_i, over raw (unnormalised) values
+    return hidden.to(values.dtype), weights.permute(1, 2, 0)
+
+
+class NaiveDepthAttention:
+    """`naive_depth_attention` behind the implementation interface: every aggregation stacks all its sources, the
+    running partial sum included, and runs Eq. 2-4 by itself. Nothing is shared between aggregations, and autograd
+    keeps each stack: O(L²·d) activation memory in Full AttnRes. It is the reference the other implementations are
+    tested against.
+
+    The interface, for any implementation: `read(sources, sources_inv_rms, queries, key_weights)` does whatever can
+    be done before the partial sum exists, for several aggregations at once, and returns one opaque read per query;
+    `merge(read, partial_sum, eps, return_weights)` gives one aggregation's input `(batch, seq, hidden)` and, if asked,
+    its weights `(batch, seq, num_sources)` over the completed sources then the partial sum."""
+
+    @staticmethod
+    def read(sources, sources_inv_rms, queries, key_weights) -> list:
+        return [(sources, query, key_weight) for query, key_weight in zip(queries, key_weights)]
+
+    @staticmethod
+    def merge(read, partial_sum, eps: float, return_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        sources, query, key_weight = read
+        values = sources if partial_sum is None else torch.cat([sources, partial_sum.unsqueeze(0)])
+        hidden, weights = naive_depth_attention(values, query, key_weight, eps)
+        return hidden, weights if return_weights else None
+
+
+def phase_one(
+    sources: torch.Tensor, sources_inv_rms: torch.Tensor, queries: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Phase 1 of the two-phase computation (Algorithm 1): several queries attend over the completed sources at once.
+
+    Args:
+        sources (`torch.Tensor` of shape `(num_sources, batch, seq, hidden)`): the completed sources `v_i`.
+        sources_inv_rms (`torch.Tensor` of shape `(num_sources, batch, seq)`): `1 / rms(v_i)`, fp32.
+        queries (`torch.Tensor` of shape `(num_queries, hidden)`): each aggregation's `w ⊙ γ`, fp32.
+
+    Returns:
+        `outputs` `(batch, seq, num_queries, hidden)` in the sources' dtype, and fp32 `logsumexp` `(batch, seq,
+        num_queries)`, `logits` and `probabilities` `(num_sources, batch, seq, num_queries)`.
+    """
+    num_sources, batch, seq, hidden = sources.shape
+    stack = as_float32(sources)
+    logits = torch.matmul(stack, queries.t()) * sources_inv_rms.unsqueeze(-1)  # w · γ ⊙ v / rms(v)
     probabilities = torch.softmax(logits, dim=0)
     # p_max = exp(max(logits) - logsumexp) lies in [1/num_sources, 1], so this is exact and never overflows, in a
     # third of the operations of torch.logsumexp (which matter when decoding one token at a time)
@@ -360,97 +395,101 @@ def depth_attention(
     return cast(outputs.view(batch, seq, -1, hidden), sources.dtype), logsumexp, logits, probabilities
 
 
-class DepthAttentionFunction(torch.autograd.Function):
-    """`depth_attention` with a hand-written backward that keeps no copy of the sources.
+class PhaseOneFunction(torch.autograd.Function):
+    """`phase_one` with a hand-written backward that keeps no copy of the sources.
 
-    Autograd would save each block's `(num_sources, batch, seq, hidden)` slice for its backward: O(N²·d) per token
-    over N blocks, where the paper's Block AttnRes needs O(N·d). This function saves only the small softmax
-    probabilities and reads the sources back from the shared buffer. The buffer is held as a plain reference rather
-    than through `save_for_backward`: saved-tensor hooks (activation offloading, checkpointing) would pack the whole
-    buffer once per block, the O(N²) this function exists to avoid. Later commits only write slots at or beyond
-    `num_sources`, which this backward never reads (see `CommitSourceFunction`).
+    Autograd would save each block's stack of sources for its backward: O(N²·d) per token over N blocks, where Block
+    AttnRes needs O(N·d). This function saves only the small logits and probabilities and reads the sources back from
+    the buffer they live in (held as a plain reference: saved-tensor hooks such as activation offloading would pack
+    the buffer once per block, the O(N²) this function exists to avoid). Later commits only write slots beyond the
+    ones it read (`CommitSourceFunction`), so what it reads back is what it read.
     """
 
     @staticmethod
-    def forward(ctx, sources, sources_inv_rms, queries, num_sources):
-        outputs, logsumexp, logits, probabilities = depth_attention(sources, sources_inv_rms, queries, num_sources)
-        ctx.sources, ctx.sources_inv_rms, ctx.num_sources = sources, sources_inv_rms, num_sources
+    def forward(ctx, sources, sources_inv_rms, queries):
+        outputs, logsumexp, logits, probabilities = phase_one(sources, sources_inv_rms, queries)
+        ctx.sources, ctx.sources_inv_rms = sources, sources_inv_rms
         ctx.save_for_backward(queries, logits, probabilities)
-        return outputs, logsumexp, logits
+        return outputs, logsumexp, probabilities
 
     @staticmethod
-    def backward(ctx, grad_outputs, grad_logsumexp, grad_logits):
+    def backward(ctx, grad_outputs, grad_logsumexp, grad_probabilities):
         queries, logits, probabilities = ctx.saved_tensors
-        sources, sources_inv_rms, count = ctx.sources, ctx.sources_inv_rms, ctx.num_sources
-        _, batch, seq, hidden = sources.shape
+        num_sources, batch, seq, hidden = ctx.sources.shape
         tokens, num_queries = batch * seq, queries.shape[0]
-        stack = as_float32(sources[:count]).view(count, tokens, hidden)
-        inv_rms = sources_inv_rms[:count].view(count, tokens, 1)
-        probabilities = probabilities.view(count, tokens, num_queries)
+        stack = as_float32(ctx.sources).view(num_sources, tokens, hidden)
+        inv_rms = ctx.sources_inv_rms.view(num_sources, tokens, 1)
+        probabilities = probabilities.view(num_sources, tokens, num_queries)
 
-        # gradients of the logits: through the weighted sum (softmax backward), the log-sum-exp, and directly
-        grad_logits = torch.zeros_like(probabilities) if grad_logits is None else grad_logits.reshape(probabilities.shape)
-        grad_mix = None
+        # All that reaches the probabilities: directly, and through the weighted sum `outputs = Σ_i p_i v_i`.
+        grad_p = torch.zeros_like(probabilities) if grad_probabilities is None else grad_probabilities.reshape(probabilities.shape)
+        grad_stack = None
         if grad_outputs is not None:
             grad_outputs = as_float32(grad_outputs).reshape(tokens, num_queries, hidden)
-            grad_probabilities = torch.bmm(grad_outputs, stack.permute(1, 2, 0)).permute(2, 0, 1)
-            centred = grad_probabilities - (probabilities * grad_probabilities).sum(0, keepdim=True)
-            grad_logits = torch.addcmul(grad_logits, probabilities, centred)
-            grad_mix = torch.bmm(probabilities.permute(1, 0, 2), grad_outputs).transpose(0, 1)  # Σ_q p ⋅ g
+            grad_p = grad_p + torch.bmm(grad_outputs, stack.permute(1, 2, 0)).permute(2, 0, 1)
+            grad_stack = torch.bmm(probabilities.permute(1, 0, 2), grad_outputs).transpose(0, 1)  # Σ_q p ⋅ g
+        # softmax backward, plus d logsumexp / d logits = p
+        grad_logits = probabilities * (grad_p - (probabilities * grad_p).sum(0, keepdim=True))
         if grad_logsumexp is not None:
-            grad_logits = torch.addcmul(grad_logits, probabilities, grad_logsumexp.view(1, tokens, num_queries))
+            grad_logits = grad_logits + probabilities * grad_logsumexp.view(1, tokens, num_queries)
         grad_scores = grad_logits * inv_rms  # logits = (v · q) / rms(v)
 
-        grad_queries = None
+        grad_sources = grad_inv_rms = grad_queries = None
+        if ctx.needs_input_grad[0]:
+            grad_from_logits = torch.mm(grad_scores.view(-1, num_queries), queries).view(num_sources, tokens, hidden)
+            grad_stack = grad_from_logits if grad_stack is None else grad_stack + grad_from_logits
+            grad_sources = grad_stack.view(num_sources, batch, seq, hidden)
+        if ctx.needs_input_grad[1]:
+            grad_inv_rms = (grad_logits * logits.view_as(grad_logits)).sum(-1) / inv_rms.squeeze(-1)
+            grad_inv_rms = grad_inv_rms.view(num_sources, batch, seq)
         if ctx.needs_input_grad[2]:
             grad_queries = torch.mm(grad_scores.view(-1, num_queries).t(), stack.reshape(-1, hidden))
-        grad_sources = grad_inv_rms = None
-        if ctx.needs_input_grad[0]:
-            grad_stack = torch.mm(grad_scores.view(-1, num_queries), queries).view(count, tokens, hidden)
-            if grad_mix is not None:
-                grad_stack += grad_mix
-            grad_sources = sources.new_zeros(sources.shape)
-            grad_sources[:count] = grad_stack.view(count, batch, seq, hidden)
-        if ctx.needs_input_grad[1]:
-            grad_inv_rms = sources_inv_rms.new_zeros(sources_inv_rms.shape)
-            grad_inv_rms[:count] = ((grad_logits * logits.view_as(grad_logits)).sum(-1) / inv_rms.squeeze(-1)).view(
-                count, batch, seq
-            )
-        return grad_sources, grad_inv_rms, grad_queries, None
+        return grad_sources, grad_inv_rms, grad_queries
 
 
-def attend_over_sources(
-    sources: torch.Tensor, sources_inv_rms: torch.Tensor, queries: torch.Tensor, num_sources: int, weights: bool
-) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]]:
-    """Phase 1 over the first `num_sources` sources (see `depth_attention`), split into one read per aggregation:
-    `(output, logsumexp, logits or None, query)`, views taken once per block rather than several per sublayer. The
-    logits are kept only if `weights` (to report depth weights).
+class TwoPhaseDepthAttention:
+    """The paper's two-phase computation (§4.2, Algorithm 1): exact, and O(N·d) in activation memory.
 
-    Eager autograd goes through `DepthAttentionFunction`; `torch.compile` traces the plain operations instead (its
-    functionalisation turns the buffer writes into copies, and the compiler plans the saved memory itself)."""
-    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        outputs, logsumexp, logits = DepthAttentionFunction.apply(sources, sources_inv_rms, queries, num_sources)
-    else:
-        outputs, logsumexp, logits, _ = depth_attention(sources, sources_inv_rms, queries, num_sources)
-    all_logits = logits.unbind(-1) if weights else [None] * queries.shape[0]
-    return list(zip(outputs.unbind(-2), logsumexp.unbind(-1), all_logits, queries.unbind(0)))
+    `read` is phase 1: several aggregations attend at once over the completed sources, which do not change within a
+    block, so each source is read twice (logits, weighted sum) whatever the number of queries. `merge` is phase 2:
+    the running partial sum joins as one more source through the online-softmax merge, which is exactly the one-shot
+    softmax. The key norm's scale is folded into the query, `w · (γ ⊙ v / rms(v)) = (w ⊙ γ) · v / rms(v)`, and each
+    source's `1 / rms` is computed once, when it is committed. See `NaiveDepthAttention` for the interface."""
+
+    @staticmethod
+    def read(sources, sources_inv_rms, queries, key_weights) -> list:
+        queries = queries * key_weights
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            outputs, logsumexp, probabilities = PhaseOneFunction.apply(sources, sources_inv_rms, queries)
+        else:  # no autograd, or `torch.compile`, which plans the saved memory itself
+            outputs, logsumexp, _, probabilities = phase_one(sources, sources_inv_rms, queries)
+        return list(zip(outputs.unbind(-2), logsumexp.unbind(-1), probabilities.unbind(-1), queries.unbind(0)))
+
+    @staticmethod
+    def merge(read, partial_sum, eps: float, return_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        output, logsumexp, probabilities, query = read
+        weights = probabilities.permute(1, 2, 0) if return_weights else None
+        if partial_sum is None:
+            return output, weights
+        # The partial sum's weight among all sources: e^s / (e^ℓ + e^s) = sigmoid(s - ℓ), with ℓ the log-sum-exp over
+        # the completed sources and s its own logit; the input is then a lerp between phase 1's output and it.
+        partial32 = as_float32(partial_sum)
+        logit = torch.matmul(partial32, query) * inverse_rms(partial32, eps)
+        partial_weight = torch.sigmoid(logit - logsumexp)
+        hidden = cast(torch.lerp(as_float32(output), partial32, partial_weight.unsqueeze(-1)), partial_sum.dtype)
+        if return_weights:
+            weights = torch.cat([weights * (1 - partial_weight).unsqueeze(-1), partial_weight.unsqueeze(-1)], dim=-1)
+        return hidden, weights
 
 
-def merge_partial_sum(
-    output: torch.Tensor, logsumexp: torch.Tensor, partial_sum: torch.Tensor, query: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Phase 2 (Algorithm 1's online-softmax merge): add the current block's partial sum as one more source.
+# `config.attn_res_implementation` -> implementation; a fused kernel plugs in with the same two static methods.
+ATTN_RES_IMPLEMENTATIONS = {"naive": NaiveDepthAttention, "two_phase": TwoPhaseDepthAttention}
 
-    With `ℓ` the log-sum-exp over the completed sources and `s` the partial sum's logit, the partial sum's softmax
-    weight is `e^s / (e^ℓ + e^s) = sigmoid(s - ℓ)`, and the merged input is `lerp(output, partial_sum, weight)`:
-    exactly the one-shot softmax over all sources. Returns the input `(batch, seq, hidden)` and the weight
-    `(batch, seq)`, fp32.
-    """
-    partial32 = as_float32(partial_sum)
-    logit = torch.matmul(partial32, query) * inverse_rms(partial32, eps)
-    weight = torch.sigmoid(logit - logsumexp)
-    merged = torch.lerp(as_float32(output), partial32, weight.unsqueeze(-1))
-    return cast(merged, partial_sum.dtype), weight
+
+def inverse_rms(hidden_states: torch.Tensor, eps: float) -> torch.Tensor:
+    """`1 / sqrt(mean(x²) + eps)` over the hidden dimension, in fp32 and in one pass over `x`: (..., hidden) -> (...)."""
+    norm = torch.linalg.vector_norm(hidden_states, dim=-1, dtype=torch.float32)
+    return torch.rsqrt((norm * norm).mul_(1 / hidden_states.shape[-1]).add_(eps))
 
 
 class CommitSourceFunction(torch.autograd.Function):
@@ -460,15 +499,15 @@ class CommitSourceFunction(torch.autograd.Function):
     `index` of the buffers' gradient to the source and the rest on to the earlier commits; the buffers start as
     uninitialised memory that nothing reads before its slot is written, so no gradient flows past the first commit.
 
-    The write is hidden from autograd's version counter. Activation checkpointing saves the buffers as every layer's
-    input and would otherwise reject each later commit, although a commit only fills a slot that nothing has read
-    yet: every reader (`DepthAttentionFunction`, checkpointed layers) reads only slots written before it ran.
+    The write is hidden from autograd's version counter. Reentrant activation checkpointing saves the buffers as every
+    layer's input and would otherwise reject each later commit, although a commit only fills a slot that nothing has
+    read yet: every reader (`PhaseOneFunction`, checkpointed layers) reads only slots written before it ran.
     """
 
     @staticmethod
     def forward(ctx, sources, sources_inv_rms, source, source_inv_rms, index):
-        # A private torch API (checked on torch 2.6 and 2.13, where it takes one tensor), covered by the reentrant
-        # activation-checkpointing tests.
+        # A private torch API, checked on torch 2.6 and 2.13 (where it takes one tensor) and covered by the reentrant
+        # activation-checkpointing tests on both.
         with torch.autograd._unsafe_preserve_version_counter(sources):
             sources[index] = source
         with torch.autograd._unsafe_preserve_version_counter(sources_inv_rms):
@@ -486,8 +525,8 @@ class CommitSourceFunction(torch.autograd.Function):
 def commit_source(
     sources: torch.Tensor, sources_inv_rms: torch.Tensor, source: torch.Tensor, index: int, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Make `source` (a finished block sum, the embedding, or in full mode a sublayer output) completed source number
-    `index` of the buffers, with its `1 / rms` computed here once for every aggregation that will read it.
+    """Make `source` (the embedding, a finished block sum, or in Full AttnRes a sublayer output) completed source
+    number `index` of the buffers, with its `1 / rms` computed here once for every aggregation that will read it.
 
     Without autograd the buffers are written in place; eager autograd goes through `CommitSourceFunction`;
     `torch.compile` traces an out-of-place write, which the compiler may turn back into an in-place one."""
@@ -504,93 +543,105 @@ def commit_source(
     return CommitSourceFunction.apply(sources, sources_inv_rms, source, source_inv_rms, index)
 
 
-def depth_weights(logits: torch.Tensor, logsumexp: torch.Tensor, partial_weight: torch.Tensor | None) -> torch.Tensor:
-    """The softmax weights of one aggregation over `config.depth_sources()` (completed sources, then the partial sum),
-    `(batch, seq, num_sources)`, from its phase-1 `logits` `(num_sources, batch, seq)` and `logsumexp`."""
-    weights = torch.exp(logits - logsumexp).permute(1, 2, 0)
-    if partial_weight is None:
-        return weights
-    return torch.cat([weights * (1 - partial_weight).unsqueeze(-1), partial_weight.unsqueeze(-1)], dim=-1)
+class AttnResAggregation(nn.Module):
+    """The input of one sublayer (or of the final norm) as a softmax over depth, by the implementation that
+    `config.attn_res_implementation` selects: this aggregation's phase-2 `merge` of its phase-1 read with the running
+    partial sum.
+
+    It holds no weights: its pseudo-query and key norm are its layer's `*_res_proj` / `*_res_norm` (Kimi K3's parameter
+    names), which phase 1 reads for every aggregation of a layer or block at once. It is the module that
+    `output_depth_attentions=True` records (`_can_record_outputs`): the weights come back as its second output.
+    """
+
+    def __init__(self, config: AttnResConfig) -> None:
+        super().__init__()
+        self.config = config
+
+    def forward(
+        self, read, partial_sum: torch.Tensor | None, **kwargs: Unpack[TransformersKwargs]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        implementation = ATTN_RES_IMPLEMENTATIONS[self.config.attn_res_implementation]
+        return_weights = kwargs.get("output_depth_attentions", False)
+        return implementation.merge(read, partial_sum, self.config.rms_norm_eps, return_weights)
+
+
+def holds_full_parameters(module: nn.Module) -> bool:
+    """Whether `module`'s parameters are plain tensors holding their whole value right now. Engines that shard or
+    offload a module (FSDP's DTensors and flat parameters, DeepSpeed ZeRO-3's empty placeholders, accelerate's
+    meta-device offload) materialize them only inside the forward of the module they wrap."""
+    parameters = list(module.parameters())
+    return bool(parameters) and all(type(p) is nn.Parameter and not p.is_meta and p.numel() > 0 for p in parameters)
 
 
 class AttnResDecoderLayer(GradientCheckpointingLayer):
-    """One attention and one MLP sublayer, each reading its input through an AttnRes aggregation.
+    """One attention and one MLP sublayer, each reading its input through an AttnRes aggregation and keeping its
+    PreNorm: `f_l(RMSNorm(h_l))`.
 
-    The residual state travels between layers as three tensors: the running partial sum of the current block, the
-    buffer of completed sources `(num_sources, batch, seq, hidden)` (the token embedding, completed block sums, or in
-    full mode every sublayer output) and their `1 / rms`. They are positional arguments so that activation
-    checkpointing (reentrant or not) tracks their gradients and accelerate's device hooks move them. A layer never
-    writes the buffer: the model commits sources between layers, so a checkpointed layer's inputs stay unchanged. In
-    `"standard"` mode there are no sources and the partial sum is the PreNorm residual stream.
-
-    The model commits the partial sum before a layer whose attention starts a block, and usually computes phase 1
-    for all the layers of a block at once (`inter_block`); under activation checkpointing each layer recomputes its
-    own phase 1, so that the checkpointed input stays the partial sum (paper §4.1). Each sublayer then merges the
-    partial sum in (phase 2).
+    The depth state travels between layers as three positional tensors (so that activation checkpointing tracks their
+    gradients and accelerate's hooks move them): `hidden_states`, the running sum of the sublayer outputs since the
+    last commit (the current block's partial sum), and the completed sources with their `1 / rms`. The model commits
+    sources between layers, so a layer never writes them and a recomputed (checkpointed) layer sees its inputs
+    unchanged; at a layer that opens a block, `hidden_states` has just been committed and a new partial sum starts.
     """
 
     def __init__(self, config: AttnResConfig, layer_idx: int):
         super().__init__()
+        self.config = config
         self.hidden_size = config.hidden_size
-        self.residual_mode = config.residual_mode
-        self.rms_norm_eps = config.rms_norm_eps
+        self.attention_type = config.layer_types[layer_idx]
         self.self_attn = AttnResAttention(config=config, layer_idx=layer_idx)
         self.mlp = AttnResMLP(config)
+        attention, mlp = 2 * layer_idx, 2 * layer_idx + 1  # the two sublayers' indices
+        # A zero-query aggregation over n sources is the PreNorm stream / n, and RMSNorm_ε(x / n) = RMSNorm_{n²ε}(x):
+        # this eps makes a graft compute its source's function exactly (see AttnResModel).
+        self.input_layernorm = AttnResRMSNorm(config.hidden_size, config.rms_norm_eps / config.num_depth_sources(attention) ** 2)
+        self.post_attention_layernorm = AttnResRMSNorm(config.hidden_size, config.rms_norm_eps / config.num_depth_sources(mlp) ** 2)
+        self.self_attention_res_proj = AttnResPseudoQuery(config.hidden_size)
+        self.self_attention_res_norm = AttnResKeyNorm(config.hidden_size)
+        self.mlp_res_proj = AttnResPseudoQuery(config.hidden_size)
+        self.mlp_res_norm = AttnResKeyNorm(config.hidden_size)
+        self.attention_input = AttnResAggregation(config)
+        self.mlp_input = AttnResAggregation(config)
+        self.starts_block = config.sublayer_starts_block(attention)
+        # Full AttnRes: the MLP opens a block of its own. It reads the attention output as the partial sum (the same
+        # softmax as reading it as a completed source), so that both sublayers share one phase 1; the model then
+        # commits the attention output.
+        self.mlp_starts_block = config.sublayer_starts_block(mlp)
 
-        # With zero pseudo-queries an aggregation over n sources returns the PreNorm residual stream divided by n;
-        # dividing the PreNorm's eps by n² makes RMSNorm(stream / n) equal RMSNorm(stream) exactly, so a grafted
-        # checkpoint computes its original function (see AttnResModel).
-        depth_sources = config.depth_sources()
-        attention_eps = config.rms_norm_eps / len(depth_sources[2 * layer_idx]) ** 2
-        mlp_eps = config.rms_norm_eps / len(depth_sources[2 * layer_idx + 1]) ** 2
-        self.input_layernorm = AttnResRMSNorm(config.hidden_size, eps=attention_eps)
-        self.post_attention_layernorm = AttnResRMSNorm(config.hidden_size, eps=mlp_eps)
-
-        # Block mode commits the partial sum before the attention of layers 0, B, 2B, ...; full mode before every
-        # sublayer (the attention output is handed back to the model, which commits it after the MLP read it).
-        self.attention_starts_block = config.sublayer_starts_block(2 * layer_idx)
-        self.mlp_starts_block = config.sublayer_starts_block(2 * layer_idx + 1)
-        attention_sources = len(depth_sources[2 * layer_idx])
-        self.num_completed_sources = attention_sources - (0 if self.attention_starts_block else 1)
-        # CODEPATH: residual_mode "block"/"full" (AttnRes checkpoints); "standard" (PreNorm baseline) has none of these.
-        if self.residual_mode != "standard":
-            self.self_attention_res_proj = AttnResPseudoQuery(config.hidden_size)
-            self.self_attention_res_norm = AttnResKeyRMSNorm(config.hidden_size)
-            self.mlp_res_proj = AttnResPseudoQuery(config.hidden_size)
-            self.mlp_res_norm = AttnResKeyRMSNorm(config.hidden_size)
-
-    def pseudo_queries(self) -> torch.Tensor:
-        """The two aggregations' `w ⊙ γ`, `(2, hidden)` fp32 (attention first)."""
-        return torch.cat(
-            [
-                self.self_attention_res_norm(self.self_attention_res_proj()),
-                self.mlp_res_norm(self.mlp_res_proj()),
-            ]
-        )
+    def depth_queries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pseudo-queries and key-norm scales of the layer's two aggregations (attention, MLP): fp32 `(2, hidden)`
+        each."""
+        queries = torch.cat([self.self_attention_res_proj(), self.mlp_res_proj()])
+        key_weights = torch.cat([self.self_attention_res_norm(), self.mlp_res_norm()])
+        return queries, key_weights
 
     @accepts_both_cache_names
     def forward(
         self,
-        partial_sum: torch.Tensor | None,
-        sources: torch.Tensor | None = None,
-        sources_inv_rms: torch.Tensor | None = None,
-        inter_block: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]] | None = None,
+        hidden_states: torch.Tensor,
+        sources: torch.Tensor,
+        sources_inv_rms: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = False,
         position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
-        return_depth_attentions: bool = False,
+        depth_reads: list | None = None,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> tuple[torch.Tensor | None, ...]:
-        """`partial_sum` is `None` right after a commit. `inter_block` is this layer's two reads of its block's phase
-        1 (see `attend_over_sources`; attention first), or `None` to compute them here.
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`sources` / `sources_inv_rms` are the completed sources this layer reads. `depth_reads`: the layer's two
+        phase-1 reads when the model computed phase 1 for its whole block; otherwise the layer computes them.
 
-        Returns `(partial_sum, attention_output, layer_input, attention_depth_weights, mlp_depth_weights)`:
-        `attention_output` is the source the model must commit next (full mode) or `None`; `layer_input` is the
-        hidden state entering the attention sublayer (reported as this layer's `hidden_states` entry); the depth
-        weights are `None` unless `return_depth_attentions`."""
-        sublayer_kwargs = dict(
+        Returns the running sum after the layer and, in Full AttnRes, the attention output for the model to commit."""
+        partial_sum = None if self.starts_block else hidden_states
+        if depth_reads is None:
+            implementation = ATTN_RES_IMPLEMENTATIONS[self.config.attn_res_implementation]
+            depth_reads = implementation.read(sources, sources_inv_rms, *self.depth_queries())
+        attention_read, mlp_read = depth_reads
+
+        attention_input, _ = self.attention_input(attention_read, partial_sum, **kwargs)
+        attention_output, _ = self.self_attn(
+            hidden_states=self.input_layernorm(attention_input),
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
@@ -598,44 +649,14 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
             position_embeddings=position_embeddings,
             **kwargs,
         )
-        # CODEPATH: "standard" residuals (the PreNorm baseline): each sublayer reads the residual stream itself.
-        if self.residual_mode == "standard":
-            layer_input = partial_sum
-            hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(partial_sum), **sublayer_kwargs)
-            partial_sum = partial_sum + hidden_states
-            partial_sum = partial_sum + self.mlp(self.post_attention_layernorm(partial_sum))
-            return partial_sum, None, layer_input, None, None
+        partial_sum = attention_output if partial_sum is None else partial_sum + attention_output
 
-        if inter_block is None:
-            inter_block = attend_over_sources(
-                sources, sources_inv_rms, self.pseudo_queries(), self.num_completed_sources, return_depth_attentions
-            )
-        attention_read, mlp_read = inter_block
-
-        layer_input, attention_weights = self._read_input(partial_sum, attention_read, return_depth_attentions)
-        hidden_states, _ = self.self_attn(hidden_states=self.input_layernorm(layer_input), **sublayer_kwargs)
-        partial_sum = hidden_states if partial_sum is None else partial_sum + hidden_states
-
-        hidden_states, mlp_weights = self._read_input(partial_sum, mlp_read, return_depth_attentions)
-        attention_output = None
-        if self.mlp_starts_block:  # full mode: the attention output becomes a source of its own
-            attention_output, partial_sum = partial_sum, None
-        hidden_states = self.mlp(self.post_attention_layernorm(hidden_states))
-        partial_sum = hidden_states if partial_sum is None else partial_sum + hidden_states
-        return partial_sum, attention_output, layer_input, attention_weights, mlp_weights
-
-    def _read_input(self, partial_sum, read, weights: bool):
-        """The input of one sublayer from its phase-1 `read` (see `attend_over_sources`), merged with the partial sum when
-        one is open (phase 2), and, if `weights`, its depth weights over `config.depth_sources()`."""
-        output, logsumexp, logits, query = read
-        partial_weight = None
-        if partial_sum is None:
-            hidden_states = output
-        else:
-            hidden_states, partial_weight = merge_partial_sum(output, logsumexp, partial_sum, query, self.rms_norm_eps)
-        if not weights:
-            return hidden_states, None
-        return hidden_states, depth_weights(logits, logsumexp, partial_weight)
+        mlp_input, _ = self.mlp_input(mlp_read, partial_sum, **kwargs)
+        mlp_output = self.mlp(self.post_attention_layernorm(mlp_input))
+        # CODEPATH: Full AttnRes (residual_mode "full"): every sublayer output is a source of its own.
+        if self.mlp_starts_block:
+            return mlp_output, attention_output
+        return partial_sum + mlp_output, None
 
 
 class AttnResPreTrainedModel(PreTrainedModel):
@@ -649,7 +670,11 @@ class AttnResPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True  # tested; `generate` with a static cache compiles the decode step on GPUs
-    _can_record_outputs = {"attentions": AttnResAttention}
+    _can_record_outputs = {
+        "hidden_states": AttnResDecoderLayer,
+        "attentions": AttnResAttention,
+        "depth_attentions": OutputRecorder(AttnResAggregation, index=1),
+    }
 
     def attn_res_parameters(self) -> dict[str, nn.Parameter]:
         """The AttnRes parameters by name: the pseudo-query (`*_res_proj`) and key norm (`*_res_norm`) of every
@@ -658,23 +683,27 @@ class AttnResPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
+        # `init.*_` skip tensors loaded from a checkpoint and fill those a checkpoint lacks (a graft's).
         if isinstance(module, AttnResPseudoQuery):
-            # Paper §3: "all pseudo-query vectors must be initialized to zero", so AttnRes starts as a uniform
-            # average. `init.zeros_` skips tensors loaded from a checkpoint, and fills those a checkpoint lacks.
-            init.zeros_(module.weight)
+            init.zeros_(module.weight)  # paper §3: "all pseudo-query vectors must be initialized to zero"
+        elif isinstance(module, AttnResKeyNorm):
+            init.ones_(module.weight)
 
 
 @dataclass
 class AttnResModelOutputWithPast(BaseModelOutputWithPast, *OUTPUT_CACHE_ALIAS):
     r"""
     hidden_states (`tuple(torch.Tensor)`, *optional*, returned when `output_hidden_states=True`):
-        `num_hidden_layers + 1` tensors of shape `(batch_size, sequence_length, hidden_size)`: the input of each
-        decoder layer (for AttnRes, the aggregation its attention sublayer reads, the paper's `h_l`; for
-        `"standard"`, the residual stream, as Llama reports it), then the final normalised output.
+        `num_hidden_layers + 1` tensors of shape `(batch_size, sequence_length, hidden_size)`: the token embedding,
+        then each decoder layer's output as Llama and transformers' in-tree Block AttnRes (Inkling2) report it, which
+        here is the running sum of the current block (in Full AttnRes, the layer's MLP output), and last the final
+        normalised output. The inputs the sublayers read are the first outputs of the `attention_input` /
+        `mlp_input` modules.
     depth_attentions (`tuple(torch.Tensor)`, *optional*, returned when `output_depth_attentions=True`):
         `2 * num_hidden_layers + 1` fp32 tensors of shape `(batch_size, sequence_length, num_sources)`, one per
-        sublayer and one for the final output: the softmax weights over the sources listed by
-        `config.depth_sources()`. `None` in `"standard"` mode.
+        sublayer and one for the final output: each aggregation's softmax weights over its sources (the embedding,
+        the completed blocks or sublayer outputs, then the running partial sum); `attnres.layout.depth_source_names`
+        names them.
     """
 
     depth_attentions: tuple[torch.Tensor, ...] | None = None
@@ -693,42 +722,43 @@ class AttnResCausalLMOutputWithPast(CausalLMOutputWithPast, *OUTPUT_CACHE_ALIAS)
 class AttnResModel(AttnResPreTrainedModel):
     """The AttnRes decoder (no language-model head).
 
-    Paper-level summary. Sublayer `l` reads `h_l = Σ_i α_{i→l} v_i`, `α_{i→l} = softmax_i(w_l · RMSNorm(v_i))`, over
-    the sources of `config.depth_sources()`: the token embedding, the completed block sums and the current block's
-    partial sum (block mode), or every earlier sublayer output (full mode). The final output aggregates all sources
-    with its own pseudo-query before the final norm.
+    Sublayer `l` reads `h_l = Σ_i α_{i→l} v_i`, `α_{i→l} = softmax_i(w_l · RMSNorm(v_i))`, over its sources (paper
+    Eq. 2-6): the token embedding, the completed block sums and the current block's partial sum (Block AttnRes), or
+    every earlier sublayer output (Full AttnRes). The final output aggregates all sources with its own pseudo-query
+    before the final norm.
 
-    Exactness at zero init. With all pseudo-queries zero, `h_l` is the mean of its `n_l` sources, and their sum is
-    the PreNorm residual stream `x_l`, so `h_l = x_l / n_l`. Every reader of `h_l` is an RMSNorm, which is scale
-    invariant except through its eps: `RMSNorm_ε(x / n) = RMSNorm_{n²ε}(x)`. The PreNorm reading an aggregation over
-    `n_l` sources therefore uses `ε / n_l²`, which makes a zero-query AttnRes model compute exactly the PreNorm network
-    with the same weights (up to floating-point rounding) and costs nothing: it is a constant per sublayer. Trained
-    AttnRes models are unaffected beyond that eps.
+    Exactness at zero init. With all pseudo-queries zero, `h_l` is the mean of its `n_l` sources, and their sum is the
+    PreNorm residual stream `x_l`, so `h_l = x_l / n_l`. Every reader of `h_l` is an RMSNorm, which is scale invariant
+    except through its eps: `RMSNorm_ε(x / n) = RMSNorm_{n²ε}(x)`. The PreNorm reading an aggregation over `n_l`
+    sources therefore uses `ε / n_l²`, which makes a zero-query AttnRes model compute exactly the PreNorm network with
+    the same weights (up to floating-point rounding), at no cost: it is a constant per sublayer.
     """
 
     _auto_class = "AutoModel"  # `save_pretrained` ships this file and the config's as remote code
 
     def __init__(self, config: AttnResConfig):
         super().__init__(config)
+        if config.attn_res_implementation not in ATTN_RES_IMPLEMENTATIONS:
+            raise ValueError(
+                f"attn_res_implementation must be one of {sorted(ATTN_RES_IMPLEMENTATIONS)}, got "
+                f"{config.attn_res_implementation!r}."
+            )
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
         self.layers = nn.ModuleList(
             [AttnResDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
         )
-        num_output_sources = len(config.depth_sources()[-1])
-        self.norm = AttnResRMSNorm(config.hidden_size, eps=config.rms_norm_eps / num_output_sources**2)
-        # CODEPATH: residual_mode "block"/"full": the final output's own pseudo-query and key norm.
-        if config.residual_mode != "standard":
-            self.output_attn_res_proj = AttnResPseudoQuery(config.hidden_size)
-            self.output_attn_res_norm = AttnResKeyRMSNorm(config.hidden_size)
+        output = 2 * config.num_hidden_layers  # the final output reads like one more sublayer
+        self.norm = AttnResRMSNorm(config.hidden_size, eps=config.rms_norm_eps / config.num_depth_sources(output) ** 2)
+        self.output_attn_res_proj = AttnResPseudoQuery(config.hidden_size)
+        self.output_attn_res_norm = AttnResKeyNorm(config.hidden_size)
+        self.final_input = AttnResAggregation(config)
         self.rotary_emb = AttnResRotaryEmbedding(config=config)
         self.gradient_checkpointing = False
         self.has_sliding_layers = "sliding_attention" in config.layer_types
-        # Layers that share one phase 1 (a block; in full mode, each layer), and the sources completed at the end.
-        starts = [i for i, layer in enumerate(self.layers) if layer.attention_starts_block] + [len(self.layers)]
-        self.layer_groups = [list(range(start, end)) for start, end in zip(starts, starts[1:])]
-        self.num_completed_sources = len(config.depth_sources()[-1]) - 1
+        # the completed sources the final output reads (the last partial sum is merged in, never committed)
+        self.max_completed_sources = config.num_depth_sources(output) - 1
         self.post_init()
 
     @accepts_both_cache_names
@@ -748,14 +778,6 @@ class AttnResModel(AttnResPreTrainedModel):
         Besides Llama's arguments, accepts `output_depth_attentions=True` to return the depth-attention weights of
         every AttnRes aggregation (see [`AttnResModelOutputWithPast`]).
         """
-        output_hidden_states = kwargs.pop("output_hidden_states", None)
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
-        output_depth_attentions = bool(kwargs.pop("output_depth_attentions", False))
-        if output_depth_attentions and self.config.residual_mode == "standard":
-            logger.warning_once("output_depth_attentions has no effect with residual_mode='standard'.")
-            output_depth_attentions = False
-
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
@@ -780,77 +802,70 @@ class AttnResModel(AttnResPreTrainedModel):
             if self.has_sliding_layers:
                 causal_mask_mapping["sliding_attention"] = create_sliding_window_causal_mask(**mask_kwargs)
 
-        position_embeddings = self.rotary_emb(inputs_embeds, position_ids=position_ids)
+        kwargs.setdefault("output_depth_attentions", getattr(self.config, "output_depth_attentions", False))
         layer_kwargs = dict(
-            position_embeddings=position_embeddings,
+            position_embeddings=self.rotary_emb(inputs_embeds, position_ids=position_ids),
             position_ids=position_ids,
             use_cache=use_cache,
-            return_depth_attentions=output_depth_attentions,
-            **{CACHE_NAME: cache},  # the name GradientCheckpointingLayer clears when it recomputes the layer
+            **{CACHE_NAME: cache},  # the name GradientCheckpointingLayer clears when it recomputes a layer
             **kwargs,
         )
-        partial_sum, sources, sources_inv_rms = inputs_embeds, None, None
-        if self.config.residual_mode != "standard":
-            # The sources are written into one buffer as they complete: each is stored, and copied, exactly once.
-            sources = inputs_embeds.new_empty(self.num_completed_sources, *inputs_embeds.shape)
-            sources_inv_rms = inputs_embeds.new_empty(sources.shape[:-1], dtype=torch.float32)
-        # Under activation checkpointing each layer recomputes its own phase 1; otherwise a block shares one.
-        batch_phase_one = not (self.gradient_checkpointing and self.training)
-        all_hidden_states: list[torch.Tensor] = []
-        all_depth_attentions: list[torch.Tensor] = []
-        for group in self.layer_groups:
-            reads = None
-            # CODEPATH: AttnRes modes: commit the finished block (or, in full mode, the last sublayer output) and
-            # attend over the completed sources for every aggregation of the block at once.
-            if self.config.residual_mode != "standard":
-                head = self.layers[group[0]]
-                completed = head.num_completed_sources
-                sources, sources_inv_rms = commit_source(
-                    sources, sources_inv_rms, partial_sum, completed - 1, self.config.rms_norm_eps
-                )
-                partial_sum = None
-                if batch_phase_one:
-                    queries = torch.cat([self.layers[i].pseudo_queries() for i in group])
-                    reads = attend_over_sources(sources, sources_inv_rms, queries, completed, output_depth_attentions)
-            for position, layer_idx in enumerate(group):
-                layer_inter_block = None if reads is None else reads[2 * position : 2 * position + 2]
-                layer = self.layers[layer_idx]
-                partial_sum, attention_output, layer_input, attention_weights, mlp_weights = layer(
-                    partial_sum,
-                    sources,
-                    sources_inv_rms,
-                    layer_inter_block,
-                    attention_mask=causal_mask_mapping[self.config.layer_types[layer_idx]],
+        eps = self.config.rms_norm_eps
+        # The completed sources live in one buffer, each written once, when it completes.
+        sources = inputs_embeds.new_empty(self.max_completed_sources, *inputs_embeds.shape)
+        sources_inv_rms = inputs_embeds.new_empty(sources.shape[:-1], dtype=torch.float32)
+        completed = 0
+        hidden_states = inputs_embeds
+        for block in self.blocks():
+            sources, sources_inv_rms = commit_source(sources, sources_inv_rms, hidden_states, completed, eps)
+            completed += 1
+            block_reads = self.read_block(block, sources[:completed], sources_inv_rms[:completed])
+            for layer, depth_reads in zip(block, block_reads):
+                hidden_states, attention_output = layer(
+                    hidden_states,
+                    sources[:completed],
+                    sources_inv_rms[:completed],
+                    depth_reads=depth_reads,
+                    attention_mask=causal_mask_mapping[layer.attention_type],
                     **layer_kwargs,
                 )
-                if attention_output is not None:  # full mode
-                    sources, sources_inv_rms = commit_source(
-                        sources, sources_inv_rms, attention_output, layer.num_completed_sources, self.config.rms_norm_eps
-                    )
-                all_hidden_states.append(layer_input)
-                all_depth_attentions += [attention_weights, mlp_weights]
+                if attention_output is not None:  # Full AttnRes
+                    sources, sources_inv_rms = commit_source(sources, sources_inv_rms, attention_output, completed, eps)
+                    completed += 1
 
-        # CODEPATH: "standard" reads the residual stream; AttnRes aggregates all sources with the output query.
-        if self.config.residual_mode == "standard":
-            hidden_states = partial_sum
-        else:
-            query = self.output_attn_res_norm(self.output_attn_res_proj())
-            [(output, logsumexp, logits, query)] = attend_over_sources(
-                sources, sources_inv_rms, query, self.num_completed_sources, output_depth_attentions
-            )
-            hidden_states, partial_weight = merge_partial_sum(
-                output, logsumexp, partial_sum, query, self.config.rms_norm_eps
-            )
-            if output_depth_attentions:
-                all_depth_attentions.append(depth_weights(logits, logsumexp, partial_weight))
+        implementation = ATTN_RES_IMPLEMENTATIONS[self.config.attn_res_implementation]
+        query, key_weight = self.output_attn_res_proj(), self.output_attn_res_norm()
+        [read] = implementation.read(sources[:completed], sources_inv_rms[:completed], query, key_weight)
+        hidden_states, _ = self.final_input(read, hidden_states, **kwargs)
         hidden_states = self.norm(hidden_states)
+        return AttnResModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_NAME: cache})
 
-        return AttnResModelOutputWithPast(
-            last_hidden_state=hidden_states,
-            **{CACHE_NAME: cache},
-            hidden_states=tuple(all_hidden_states) + (hidden_states,) if output_hidden_states else None,
-            depth_attentions=tuple(all_depth_attentions) if output_depth_attentions else None,
-        )
+    def blocks(self) -> list[list[AttnResDecoderLayer]]:
+        """The decoder layers grouped into blocks (Full AttnRes: one layer each): before each block the model commits
+        the running sum as a completed source, and a block's layers all read the same completed sources."""
+        blocks = []
+        for layer in self.layers:
+            if layer.starts_block:
+                blocks.append([])
+            blocks[-1].append(layer)
+        return blocks
+
+    def read_block(self, block: list[AttnResDecoderLayer], sources: torch.Tensor, sources_inv_rms: torch.Tensor) -> list:
+        """Phase 1 for every aggregation of `block` at once (Algorithm 1: a block's queries share one read of the
+        sources), as each layer's two reads; `None` for a layer that must compute its own. That is the case under
+        activation checkpointing (a recomputed layer recomputes its phase 1 from its own inputs, keeping only the
+        partial sum per layer, paper §4.1) and wherever the model may not read the layers' parameters from outside
+        their forward (FSDP, ZeRO-3, offloading: see `holds_full_parameters`)."""
+        own_reads = [None] * len(block)
+        if len(block) == 1 or (self.gradient_checkpointing and self.training):
+            return own_reads
+        depth_parameters = [module for layer in block for module in layer.children() if isinstance(module, (AttnResPseudoQuery, AttnResKeyNorm))]
+        if not all(holds_full_parameters(module) and module.weight.device == sources.device for module in depth_parameters):
+            return own_reads
+        queries, key_weights = zip(*(layer.depth_queries() for layer in block))
+        implementation = ATTN_RES_IMPLEMENTATIONS[self.config.attn_res_implementation]
+        reads = implementation.read(sources, sources_inv_rms, torch.cat(queries), torch.cat(key_weights))
+        return [reads[i : i + 2] for i in range(0, len(reads), 2)]
 
 
 class AttnResForCausalLM(AttnResPreTrainedModel, GenerationMixin):
@@ -899,8 +914,7 @@ class AttnResForCausalLM(AttnResPreTrainedModel, GenerationMixin):
         )
         # Only compute the logits that are needed: the last `logits_to_keep` positions (0: all), or the given indices.
         kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        hidden_states = outputs.last_hidden_state[:, kept, :]
-        logits = self.lm_head(hidden_states)
+        logits = self.lm_head(outputs.last_hidden_state[:, kept, :])
 
         loss = None
         if labels is not None:

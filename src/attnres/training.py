@@ -37,6 +37,7 @@ from transformers import (
 )
 
 from .configuration_attnres import AttnResConfig
+from .errors import AttnResError
 from .modeling_attnres import AttnResForCausalLM
 from .paths import is_missing_local_path
 from .peft_support import attnres_lora_config, is_attn_res_parameter
@@ -48,7 +49,7 @@ TEXT_FORMATS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class TrainingSetupError(ValueError):
+class TrainingSetupError(AttnResError):
     """A model, dataset or option that cannot be trained as asked."""
 
 
@@ -277,11 +278,7 @@ def save_final(trainer: Trainer, model_args: ModelArguments, training_args: Trai
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     model_args, data_args, training_args = parse_arguments(argv)
-    try:
-        _, metrics = train(model_args, data_args, training_args)
-    except TrainingSetupError as error:
-        print(f"attnres train: error: {error}", file=sys.stderr)
-        return 1
+    _, metrics = train(model_args, data_args, training_args)
     if "validation_loss_before" in metrics:
         print(
             f"validation loss {metrics['validation_loss_before']:.4f} -> {metrics['validation_loss_after']:.4f} "

