@@ -3,23 +3,41 @@
 
 lm-eval's stock HumanEval metric calls `evaluate.load("code_eval")`, which fetches a script from the Hub; this module
 replaces it so HumanEval runs offline. Generated code is untrusted: nothing runs unless the user opted in
-(`attnres eval --allow-code-execution`, which sets `HF_ALLOW_CODE_EVAL=1`, the variable `code_eval` itself checks),
-and each program runs in its own isolated interpreter (`python -I`) in a fresh temporary directory, in its own
-process group, with a wall-clock timeout and limits on CPU time, memory, file size and open files. This is a
-guard against accidents (infinite loops, runaway memory, stray files), not a security sandbox: run untrusted
-models' code in a container.
+(`attnres eval --allow-code-execution`, which sets `HF_ALLOW_CODE_EVAL=1`, the variable `code_eval` itself checks).
+
+Each program runs in a fresh `python -I` interpreter and temporary directory, with a clean environment, a wall-clock
+timeout and limits on CPU time, memory, file size, open files and core dumps. On Linux, where `unshare` (util-linux)
+can create namespaces, it also runs in network, PID and mount namespaces of its own (see `sandbox()`): no network,
+no view of other processes, everything it started killed with it, the evaluator's home and Hugging Face directories
+hidden and, unless it would run as root, a limit on the processes it starts. Where namespaces are unavailable,
+`sandbox()` logs once what is not contained.
+
+A program passes only if it ran to its end: the sentinel that `run_program` expects is written after the program
+returned, so `exit(0)`, `os._exit(0)` or an atexit hook do not pass wrong code (see `_BOOTSTRAP`).
 """
 
+import contextlib
+import functools
+import json
+import logging
 import math
 import os
+import pwd
+import secrets
+import selectors
+import shutil
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+
+logger = logging.getLogger(__name__)
 
 OPT_IN_VARIABLE = "HF_ALLOW_CODE_EVAL"
 REFUSAL = (
@@ -30,6 +48,17 @@ REFUSAL = (
 DEFAULT_TIMEOUT_S = 10.0
 MEMORY_LIMIT_BYTES = 2 * 1024**3
 FILE_SIZE_LIMIT_BYTES = 16 * 1024**2
+OPEN_FILES_LIMIT = 64
+PROCESS_LIMIT = 64  # processes and threads (RLIMIT_NPROC)
+STDERR_TAIL_BYTES = 8 * 1024  # enough for the last line of a traceback, however much a program writes
+UNPRIVILEGED_ID = 65534  # "nobody", the user and group a root evaluator's candidates run as
+_PROBE_TIMEOUT_S = 30.0
+# Checks what candidates need: the interpreter's own files (imports, a subprocess) and a writable working directory.
+_PROBE_PROGRAM = (
+    "import decimal, hashlib, math, subprocess, sys\n"
+    "subprocess.run([sys.executable, '-c', 'pass'], check=True)\n"
+    "open('probe.txt', 'w').write('ok')\n"
+)
 
 
 class CodeExecutionNotAllowed(RuntimeError):
@@ -41,6 +70,21 @@ class ExecutionResult:
     passed: bool
     status: str  # "passed", "failed", "timed out"
     detail: str = ""
+
+
+@dataclass(frozen=True)
+class Sandbox:
+    """How candidates are contained on this machine; `sandbox()` picks the strongest that works."""
+
+    description: str
+    command: tuple[str, ...] = ()  # the `unshare` prefix that creates the namespaces; empty without isolation
+    user: int | None = None  # the uid and gid a root evaluator's candidates switch to
+    limits_processes: bool = False
+    hides_directories: bool = False
+
+    @property
+    def isolated(self) -> bool:
+        return bool(self.command)
 
 
 def code_execution_allowed() -> bool:
@@ -58,65 +102,323 @@ def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / n for n in range(num_samples - num_correct + 1, num_samples + 1))
 
 
-# Runs first in the child interpreter: cap its resources, then execute the candidate as __main__. (Setting limits
-# here rather than in a `preexec_fn` keeps process creation safe from the worker threads of `run_programs`.) The CPU
-# limit is a backstop one second beyond the wall-clock timeout; if a busy loop reaches it first anyway, the kernel
-# sends SIGXCPU (then SIGKILL a second later), which `run_program` reports as a timeout, not a failure.
-_BOOTSTRAP = """
-import resource, runpy, sys
-cpu, memory, file_size = (int(value) for value in sys.argv[2:5])
-for limit, soft, hard in ((resource.RLIMIT_CPU, cpu, cpu + 1), (resource.RLIMIT_AS, memory, memory),
-                          (resource.RLIMIT_FSIZE, file_size, file_size), (resource.RLIMIT_NOFILE, 64, 64),
-                          (resource.RLIMIT_CORE, 0, 0)):
-    ceiling = resource.getrlimit(limit)[1]
-    if ceiling != resource.RLIM_INFINITY:
-        soft, hard = min(soft, ceiling), min(hard, ceiling)
-    resource.setrlimit(limit, (soft, hard))
-sys.argv = sys.argv[1:2]
-runpy.run_path(sys.argv[0], run_name="__main__")
+# Runs in the child interpreter, as PID 1 of the candidate's PID namespace when isolated. It is a small supervisor:
+# it hides directories, forks the candidate and exits with the candidate's status, or 128 + N if signal N ended it
+# (as a shell does): a namespace's PID 1 ignores the signals it has no handler for, SIGXCPU from the CPU limit
+# included, so the program must not run as PID 1 itself. The candidate caps its resources (here rather than in a
+# `preexec_fn`, which is unsafe with the worker threads of `run_programs`), drops privileges, runs the program as
+# __main__ and, only if the program returned, writes the nonce it read from a pipe (then closed) to the result pipe
+# and exits at once, before atexit hooks. `exit(0)`, `os._exit(0)`, an exception or an atexit hook that exits with 0
+# never reach that write, so they fail, as in OpenAI's `check_correctness`. The nonce defends the score against
+# programs that end early, not against a program that deliberately searches its own interpreter's memory for it;
+# the namespaces and limits are the security boundary, not the sentinel.
+_BOOTSTRAP = r"""
+import ctypes, json, os, resource, runpy, sys
+
+MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, CLONE_NEWUSER, PR_SET_NO_NEW_PRIVS = 2, 4, 4096, 16384, 0x10000000, 38
+libc = ctypes.CDLL(None, use_errno=True)
+config = json.loads(sys.argv[1])
+
+
+def check(status, action):
+    if status != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"{action}: {os.strerror(error)}")
+
+
+def hide(directories, keep):
+    # An empty tmpfs covers each directory; the paths kept inside them are bound back in place through descriptors
+    # opened before they were covered.
+    kept = {path: os.open(path, os.O_PATH | os.O_DIRECTORY) for path in keep}
+    for directory in directories:
+        flags, options = MS_NOSUID | MS_NODEV, b"mode=755,size=1m"
+        check(libc.mount(b"attnres-hidden", directory.encode(), b"tmpfs", flags, options), f"hiding {directory}")
+    for path, descriptor in kept.items():
+        os.makedirs(path, exist_ok=True)
+        source = f"/proc/self/fd/{descriptor}".encode()
+        check(libc.mount(source, path.encode(), None, MS_BIND | MS_REC, None), f"keeping {path}")
+        os.close(descriptor)
+
+
+def run_candidate():
+    nonce = os.read(config["nonce_fd"], 64)
+    os.close(config["nonce_fd"])
+    os.set_inheritable(config["result_fd"], False)  # programs the candidate executes do not get it
+    for name, soft, hard in config["limits"]:
+        limit = getattr(resource, name)
+        ceiling = resource.getrlimit(limit)[1]
+        if ceiling != resource.RLIM_INFINITY:
+            soft, hard = min(soft, ceiling), min(hard, ceiling)
+        resource.setrlimit(limit, (soft, hard))
+    if config["user"] is not None:
+        os.setgroups([])
+        os.setresgid(config["user"], config["user"], config["user"])
+        os.setresuid(config["user"], config["user"], config["user"])
+        check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "setting no_new_privs")  # no way back through setuid files
+    if config["own_user_namespace"]:
+        # With no capability left in the user namespace that owns the mounts, it cannot unmount what hides directories.
+        check(libc.unshare(CLONE_NEWUSER), "entering a user namespace")
+    sys.argv = [config["script"]]
+    runpy.run_path(config["script"], run_name="__main__")
+    os.write(config["result_fd"], nonce)
+    os._exit(0)
+
+
+os.umask(0o022)  # directories created to hold kept paths must be traversable by the candidate
+if config["hide"]:
+    hide(config["hide"], config["keep"])
+candidate = os.fork()
+if candidate == 0:
+    run_candidate()
+os.close(config["nonce_fd"])
+os.close(config["result_fd"])
+status = os.waitstatus_to_exitcode(os.waitpid(candidate, 0)[1])
+os._exit(status if status >= 0 else 128 - status)
 """
 
 
+def _sandboxes_to_try() -> list[Sandbox]:
+    """The isolations this machine may allow, strongest first.
+
+    RLIMIT_NPROC counts the processes of a real user, per user namespace, and never stops root (uid 0 outside any user
+    namespace, which `unshare --map-root-user` maps back to). So a root evaluator first tries to run candidates as
+    nobody in network, PID and mount namespaces it creates without a user namespace; a plain user, or root where that
+    fails, gets a user namespace too (then the count covers one candidate's processes only).
+    """
+    unshare = shutil.which("unshare")
+    if sys.platform != "linux" or unshare is None:
+        return []
+    namespaces = ("--net", "--pid", "--fork", "--mount-proc", "--kill-child")  # --kill-child: the PID 1 dies with it
+    sandboxes = []
+    if os.geteuid() == 0:
+        sandboxes.append(
+            Sandbox(
+                "network, PID and mount namespaces, as nobody",
+                (unshare, *namespaces),
+                user=UNPRIVILEGED_ID,
+                limits_processes=True,
+                hides_directories=True,
+            )
+        )
+    sandboxes.append(
+        Sandbox(
+            "user, network, PID and mount namespaces",
+            (unshare, "--map-root-user", *namespaces),
+            limits_processes=os.geteuid() != 0,
+            hides_directories=True,
+        )
+    )
+    return sandboxes
+
+
+_sandbox_lock = threading.Lock()
+
+
+def sandbox() -> Sandbox:
+    """The isolation candidates run in, probed once per process by running a small program in each option."""
+    with _sandbox_lock:
+        return _probe_sandbox()
+
+
+@functools.cache
+def _probe_sandbox() -> Sandbox:
+    failures = []
+    for option in _sandboxes_to_try():
+        probe = _run(_PROBE_PROGRAM, _PROBE_TIMEOUT_S, option)
+        if probe.passed:
+            if os.geteuid() == 0 and option.user is None:
+                logger.warning(
+                    "Code execution: candidates cannot run as an unprivileged user (%s), so they run as root in their "
+                    "own user, network, PID and mount namespaces: they can read and write every file root owns "
+                    "outside the hidden home and Hugging Face directories, and the number of processes they start is "
+                    "not limited (RLIMIT_NPROC does not apply to root).",
+                    "; ".join(failures),
+                )
+            return option
+        failures.append(f"{option.description}: {probe.status}, {probe.detail}")
+    user = _user_name()
+    logger.warning(
+        "Code execution: candidates run WITHOUT namespace isolation (%s). They run as %s, with the network, every "
+        "file %s can read or write (its home and Hugging Face token included) and every process of %s (this "
+        "evaluator included: its environment, memory and signals); processes they move out of their process group "
+        "can outlive the timeout, and the number of processes they start is not limited. Evaluate untrusted models "
+        "in a container or VM.",
+        "; ".join(failures) or "unshare (util-linux) on Linux is needed",
+        user,
+        user,
+        user,
+    )
+    return Sandbox("no isolation")
+
+
+def _user_name() -> str:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return f"uid {os.getuid()}"
+
+
 def run_program(program: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> ExecutionResult:
-    """Run one complete program (candidate + tests) in a separate interpreter; it passes if it exits with 0."""
+    """Run one complete program (candidate + tests) in a separate interpreter; it passes if it ran to its end."""
     if not code_execution_allowed():
         raise CodeExecutionNotAllowed(REFUSAL)
+    return _run(program, timeout_s, sandbox())
+
+
+def _run(program: str, timeout_s: float, isolation: Sandbox) -> ExecutionResult:
+    deadline = time.monotonic() + timeout_s
+    nonce = secrets.token_hex(16).encode()
     with tempfile.TemporaryDirectory(prefix="attnres-exec-") as workdir:
-        script = os.path.join(workdir, "candidate.py")
-        with open(script, "w", encoding="utf-8") as handle:
-            handle.write(program)
+        script = _write_program(workdir, program, isolation.user)
+        process, result_reader = _start(isolation, workdir, script, nonce, timeout_s)
+        with process:
+            try:
+                stderr_tail, sentinel, finished = _read_until_exit(process, result_reader, deadline)
+            finally:
+                os.close(result_reader)
+                # Before the leader is reaped (on leaving `with process`) its pid still names its process group:
+                # whatever is left in it dies, everything on a timeout, and stragglers without isolation.
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+    if not finished:
+        return ExecutionResult(False, "timed out", f"no exit within {timeout_s:g}s")
+    return _verdict(process.returncode, sentinel == nonce, stderr_tail)
+
+
+def _verdict(returncode: int, ran_to_its_end: bool, stderr_tail: bytes) -> ExecutionResult:
+    if returncode == 128 + signal.SIGXCPU:  # the supervisor's code for a candidate that SIGXCPU ended
+        return ExecutionResult(False, "timed out", "CPU time limit reached")
+    if returncode == 0 and ran_to_its_end:
+        return ExecutionResult(True, "passed")
+    last_line = stderr_tail.decode("utf-8", "replace").strip().splitlines()[-1:]
+    if last_line:
+        return ExecutionResult(False, "failed", last_line[0][:200])
+    if returncode == 0:
+        return ExecutionResult(False, "failed", "exit code 0 before the end of the program")
+    return ExecutionResult(False, "failed", f"exit code {returncode}")
+
+
+def _write_program(workdir: str, program: str, user: int | None) -> str:
+    script = os.path.join(workdir, "candidate.py")
+    with open(script, "w", encoding="utf-8") as handle:
+        handle.write(program)
+    os.chmod(script, 0o644)
+    if user is not None:
+        os.chown(workdir, user, user)
+    return script
+
+
+def _start(
+    isolation: Sandbox, workdir: str, script: str, nonce: bytes, timeout_s: float
+) -> tuple[subprocess.Popen, int]:
+    """Start the bootstrap with the nonce waiting in one pipe and the other's write end; returns its read end."""
+    hide, keep = _hiding_plan(workdir) if isolation.hides_directories else ([], [])
+    nonce_reader, nonce_writer = os.pipe()
+    result_reader, result_writer = os.pipe()
+    os.write(nonce_writer, nonce)
+    os.close(nonce_writer)
+    config = {
+        "script": script,
+        "nonce_fd": nonce_reader,
+        "result_fd": result_writer,
+        "limits": _resource_limits(timeout_s, isolation.limits_processes),
+        "user": isolation.user,
+        "own_user_namespace": isolation.isolated and isolation.user is None,
+        "hide": hide,
+        "keep": keep,
+    }
+    try:
         process = subprocess.Popen(
-            [sys.executable, "-I", "-B", "-c", _BOOTSTRAP, script, str(math.ceil(timeout_s) + 1),
-             str(MEMORY_LIMIT_BYTES), str(FILE_SIZE_LIMIT_BYTES)],
+            [*isolation.command, sys.executable, "-I", "-B", "-c", _BOOTSTRAP, json.dumps(config)],
             cwd=workdir,
             env={"PATH": os.environ.get("PATH", ""), "HOME": workdir, "TMPDIR": workdir, "PYTHONHASHSEED": "0"},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            start_new_session=True,  # its own process group, so a timeout kills whatever it spawned too
+            pass_fds=(nonce_reader, result_writer),
+            start_new_session=True,  # its own process group, killed as a whole
         )
-        try:
-            _, stderr = process.communicate(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-            return ExecutionResult(False, "timed out", f"no exit within {timeout_s:g}s")
-        finally:
-            if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-    if process.returncode == 0:
-        return ExecutionResult(True, "passed")
-    if process.returncode == -signal.SIGXCPU:
-        return ExecutionResult(False, "timed out", "CPU time limit reached")
-    last_line = stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or [f"exit code {process.returncode}"]
-    return ExecutionResult(False, "failed", last_line[0][:200])
+    except BaseException:
+        os.close(result_reader)
+        raise
+    finally:
+        os.close(nonce_reader)
+        os.close(result_writer)
+    return process, result_reader
+
+
+def _resource_limits(timeout_s: float, limit_processes: bool) -> list[tuple[str, int, int]]:
+    """The CPU limit is a backstop one second beyond the wall-clock timeout; if a busy loop reaches it first anyway,
+    the kernel sends SIGXCPU (then SIGKILL a second later), which `run_program` reports as a timeout."""
+    cpu = math.ceil(timeout_s) + 1
+    limits = [
+        ("RLIMIT_CPU", cpu, cpu + 1),
+        ("RLIMIT_AS", MEMORY_LIMIT_BYTES, MEMORY_LIMIT_BYTES),
+        ("RLIMIT_FSIZE", FILE_SIZE_LIMIT_BYTES, FILE_SIZE_LIMIT_BYTES),
+        ("RLIMIT_NOFILE", OPEN_FILES_LIMIT, OPEN_FILES_LIMIT),
+        ("RLIMIT_CORE", 0, 0),
+    ]
+    if limit_processes:
+        limits.append(("RLIMIT_NPROC", PROCESS_LIMIT, PROCESS_LIMIT))
+    return limits
+
+
+def _hiding_plan(workdir: str) -> tuple[list[str], list[str]]:
+    """The directories to cover with an empty tmpfs, and the paths inside them the candidate needs (the interpreter,
+    its working directory), which are bound back.
+
+    Hidden: the evaluator's home directories, its Hugging Face home and token directory (tokens, cached models) and
+    its runtime directory (session sockets such as D-Bus), except the root directory and any that lies in a needed
+    path.
+    """
+    needed = {os.path.realpath(path) for path in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
+    needed.add(os.path.realpath(workdir))
+    home = os.path.expanduser("~")
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
+    directories = [home, os.environ.get("HF_HOME") or os.path.join(cache, "huggingface")]
+    directories += [os.environ.get("XDG_RUNTIME_DIR", ""), os.path.dirname(os.environ.get("HF_TOKEN_PATH", ""))]
+    with contextlib.suppress(KeyError):
+        directories.append(pwd.getpwuid(os.getuid()).pw_dir)
+    hidden = {os.path.realpath(path) for path in directories if path and os.path.isdir(path)}
+    hidden = {path for path in hidden if path != "/" and not any(_within(path, need) for need in needed)}
+    hidden = {path for path in hidden if not any(_within(path, other) for other in hidden - {path})}
+    keep = {need for need in needed if any(_within(need, path) for path in hidden)}
+    keep = {need for need in keep if not any(_within(need, other) for other in keep - {need})}
+    return sorted(hidden), sorted(keep)
+
+
+def _within(path: str, directory: str) -> bool:
+    return os.path.commonpath([path, directory]) == directory
+
+
+def _read_until_exit(process: subprocess.Popen, result_reader: int, deadline: float) -> tuple[bytes, bytes, bool]:
+    """Read the program's stderr, keeping only its tail, and the result pipe until both close, which happens once
+    everything in the sandbox has exited, or until the deadline passes (then the last value is False)."""
+    stderr_reader = process.stderr.fileno()
+    stderr_tail, sentinel = b"", b""
+    with selectors.DefaultSelector() as selector:
+        selector.register(stderr_reader, selectors.EVENT_READ)
+        selector.register(result_reader, selectors.EVENT_READ)
+        while selector.get_map():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return stderr_tail, sentinel, False
+            for key, _ in selector.select(remaining):
+                chunk = os.read(key.fd, 64 * 1024)
+                if not chunk:
+                    selector.unregister(key.fd)
+                elif key.fd == stderr_reader:
+                    stderr_tail = (stderr_tail + chunk)[-STDERR_TAIL_BYTES:]
+                else:
+                    sentinel = (sentinel + chunk)[:64]  # more than a nonce: anything written besides it spoils it
+    return stderr_tail, sentinel, True
 
 
 def run_programs(programs: Sequence[str], timeout_s: float = DEFAULT_TIMEOUT_S, workers: int | None = None):
     """Run many programs concurrently (each in its own process); results in input order."""
     if not code_execution_allowed():
         raise CodeExecutionNotAllowed(REFUSAL)
+    sandbox()  # probe (and warn) once, before the workers start
     workers = workers or min(8, os.cpu_count() or 1)
     with ThreadPoolExecutor(max_workers=workers) as pool:
         return list(pool.map(lambda program: run_program(program, timeout_s), programs))
