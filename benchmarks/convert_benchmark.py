@@ -4,9 +4,10 @@ The source is a Llama-3.2-1B layout (1.24B parameters, bf16, ~2.5 GB) filled wit
 safetensors shards, as `save_pretrained` would write it. Each repetition runs `cp -r` and the conversion in fresh
 processes, interleaved (cp, convert, cp, convert, ...), so both see the same page-cache and disk conditions; the
 report gives medians and the spread. Both timings include a final `sync`, so they measure durable copies, and
-each starts with the page cache flushed of the previous run's writes (otherwise writeback of one run lands in the next). Peak RSS is the converter process's own maximum resident set, next to the RSS
-of a process that only imports attnres (the floor any Python CLI pays). The conversion time is that of `graft()`
-itself; the process time adds interpreter start and imports (torch, transformers), about 5 s on the CPU machines.
+each starts with the page cache flushed of the previous run's writes (otherwise writeback of one run lands in the
+next). Peak RSS is the converter process's own maximum resident set, next to the RSS of a process that only imports
+attnres (the floor any Python CLI pays). The conversion time is that of `graft()` itself; the process time adds
+interpreter start and imports (torch, transformers), about 5 s on the CPU machines.
 
     python benchmarks/convert_benchmark.py --work-dir /tmp/convert-bench
 """
@@ -64,7 +65,9 @@ def _sample():
         time.sleep(0.005)
 threading.Thread(target=_sample, daemon=True).start()
 """
-CONVERT = MEMORY_PROBE + """
+CONVERT = (
+    MEMORY_PROBE
+    + """
 import os, sys
 from attnres.convert import graft
 start = time.perf_counter()
@@ -73,18 +76,24 @@ os.sync()
 elapsed = time.perf_counter() - start
 print(elapsed, _status('VmHWM:'), max(_peak_anon[0], _status('RssAnon:')))
 """
-IMPORT_ONLY = MEMORY_PROBE + """
+)
+IMPORT_ONLY = (
+    MEMORY_PROBE
+    + """
 import attnres.convert
 time.sleep(0.05)
 print(_status('VmHWM:'), max(_peak_anon[0], _status('RssAnon:')))
 """
+)
 
 
 def write_random_checkpoint(directory: Path, shard_bytes: int) -> int:
     """A Llama-1B-shaped checkpoint of random bf16 tensors, sharded like save_pretrained; returns its size."""
     config = LlamaConfig(**LLAMA_1B)
     with torch.device("meta"):
-        shapes = {name: t.shape for name, t in LlamaForCausalLM(config).state_dict().items() if name != "lm_head.weight"}
+        shapes = {
+            name: t.shape for name, t in LlamaForCausalLM(config).state_dict().items() if name != "lm_head.weight"
+        }
     directory.mkdir(parents=True)
     config.save_pretrained(directory)
     generator = torch.Generator().manual_seed(0)
@@ -127,7 +136,9 @@ def main() -> None:
     source = args.work_dir / "source"
     size = write_random_checkpoint(source, int(args.shard_gb * 2**30))
     print(f"source: {size / 2**30:.2f} GiB in {len(list(source.glob('*.safetensors')))} shards")
-    import_rss, import_anon = map(int, subprocess.run([sys.executable, "-c", IMPORT_ONLY], capture_output=True, text=True).stdout.split())
+    import_rss, import_anon = map(
+        int, subprocess.run([sys.executable, "-c", IMPORT_ONLY], capture_output=True, text=True).stdout.split()
+    )
 
     results = {}
     for label, dtype in (("copy (dtype kept)", ""), ("rewrite (--dtype float16)", "float16")):
@@ -151,7 +162,10 @@ def main() -> None:
             "convert_seconds_median": statistics.median(convert_times),
             "convert_process_seconds_median": statistics.median(convert_walls),
             "time_ratio_vs_cp": statistics.median(c / p for c, p in zip(convert_times, cp_times)),
-            "time_ratio_vs_cp_range": [min(c / p for c, p in zip(convert_times, cp_times)), max(c / p for c, p in zip(convert_times, cp_times))],
+            "time_ratio_vs_cp_range": [
+                min(c / p for c, p in zip(convert_times, cp_times)),
+                max(c / p for c, p in zip(convert_times, cp_times)),
+            ],
             "process_time_ratio_vs_cp": statistics.median(c / p for c, p in zip(convert_walls, cp_times)),
             "peak_rss_bytes_max": max(peaks),
             "peak_rss_fraction_of_checkpoint": max(peaks) / size,
@@ -167,7 +181,8 @@ def main() -> None:
         "import_only_rss_bytes": import_rss,
         "import_only_anon_rss_bytes": import_anon,
         "repeats": args.repeats,
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}, torch {torch.__version__}",
+        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, Python {platform.python_version()}, "
+        f"torch {torch.__version__}",
         "results": results,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
@@ -175,7 +190,8 @@ def main() -> None:
     lines = [
         f"checkpoint: {size / 2**30:.2f} GiB, {report['shards']} shards of at most {args.shard_gb} GiB; "
         f"import-only RSS {import_rss / 2**20:.0f} MiB",
-        "| path | graft() / cp (median, range) | whole process / cp | peak RSS / checkpoint | (peak RSS - import) / checkpoint | (peak anon RSS - import) / checkpoint |",
+        "| path | graft() / cp (median, range) | whole process / cp | peak RSS / checkpoint "
+        "| (peak RSS - import) / checkpoint | (peak anon RSS - import) / checkpoint |",
         "|---|---|---|---|---|---|",
     ]
     for label, r in results.items():

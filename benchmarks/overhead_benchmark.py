@@ -123,9 +123,13 @@ def decode(models, args, prompt: int, new_tokens: int, compiled: bool = False) -
 
     ids = torch.randint(2, 32000, (1, prompt), device=args.device)
     steps = {name: torch.compile(model, fullgraph=True) if compiled else model for name, model in models.items()}
-    static_caches = {  # eager decoding grows a DynamicCache instead
-        name: StaticCache(config=model.config, max_cache_len=prompt + new_tokens) for name, model in models.items()
-    } if compiled else {}
+    static_caches = (
+        {  # eager decoding grows a DynamicCache instead
+            name: StaticCache(config=model.config, max_cache_len=prompt + new_tokens) for name, model in models.items()
+        }
+        if compiled
+        else {}
+    )
     times = {name: [] for name in models}
     repeats = max(2, args.repeats // 3)
     with torch.inference_mode():

@@ -1,10 +1,10 @@
 """Where AttnRes spends its time, by operator: a noise-robust complement to `overhead_benchmark.py`.
 
 Wall-clock ratios on a shared machine move by several percent between runs, and so does the time of the big shared
-operators (matmuls, attention) from one step to the next. This script profiles interleaved steps of the standard and
+operators (matmuls, attention) from one step to the next. This script profiles interleaved steps of the Llama and
 the Block AttnRes model of that benchmark (same weights, random non-zero queries) with Python stacks, and attributes
 to AttnRes every aten operator called from its code (phase 1 and 2, the commits, the pseudo-queries) and, in
-training, every operator of the backward nodes those recorded. Their self time over the standard step's is the cost
+training, every operator of the backward nodes those recorded. Their self time over the Llama step's is the cost
 of the AttnRes path, free of the noise in the rest of the step. (It does not count the Python and dispatch time
 between operators, which decides decoding: the calls per step show that part.)
 
@@ -19,10 +19,10 @@ from collections import defaultdict
 from collections.abc import Callable
 
 import torch
+from overhead_benchmark import BASELINE, build_models
 from torch.profiler import profile
 
 from attnres import modeling_attnres
-from overhead_benchmark import build_models
 
 
 def attnres_functions() -> set[tuple[int, str]]:
@@ -30,10 +30,21 @@ def attnres_functions() -> set[tuple[int, str]]:
     Python events name them ("…/modeling_attnres.py(<first line>): <name>")."""
     code = modeling_attnres
     functions = [
-        code.depth_attention, code.attend_over_sources, code.merge_partial_sum, code.commit_source, code.inverse_rms,
-        code.depth_weights, code.AttnResDecoderLayer.pseudo_queries, code.AttnResDecoderLayer._read_input,
-    ]  # fmt: skip
-    for cls in (code.DepthAttentionFunction, code.CommitSourceFunction, code.AttnResPseudoQuery, code.AttnResKeyRMSNorm):
+        code.phase_one,
+        code.commit_source,
+        code.inverse_rms,
+        code.cast,
+        code.AttnResDecoderLayer.depth_queries,
+        code.AttnResModel.read_block,
+    ]
+    for cls in (
+        code.PhaseOneFunction,
+        code.TwoPhaseDepthAttention,
+        code.CommitSourceFunction,
+        code.AttnResPseudoQuery,
+        code.AttnResKeyNorm,
+        code.AttnResAggregation,
+    ):
         members = (getattr(member, "__func__", member) for member in vars(cls).values())
         functions += [member for member in members if hasattr(member, "__code__")]
     return {(function.__code__.co_firstlineno, function.__code__.co_name) for function in functions}
@@ -118,9 +129,9 @@ def main() -> None:
     args.device, args.dtype = "cpu", "float32"
 
     models = build_models(args)  # the benchmark's models: shared weights, random non-zero queries
-    steps = {mode: make_step(models[mode], args) for mode in ("standard", "block")}
+    steps = {mode: make_step(models[mode], args) for mode in (BASELINE, "block")}
     functions = attnres_functions()
-    # per-step means over interleaved profiled steps (standard, block, standard, ...)
+    # per-step means over interleaved profiled steps (llama, block, llama, ...)
     every = {mode: defaultdict(lambda: [0.0, 0.0]) for mode in steps}
     attnres = defaultdict(lambda: [0.0, 0.0])
 
@@ -139,11 +150,15 @@ def main() -> None:
     def total(ops, index: int = 0) -> float:
         return sum(value[index] for value in ops.values())
 
-    print(f"{args.mode} {args.batch}x{args.seq}, per step: aten self time standard {total(every['standard']):.1f} ms, "
-          f"block {total(every['block']):.1f} ms (the difference is mostly noise in the shared operators)")  # fmt: skip
-    print(f"AttnRes path: {total(attnres):.1f} ms = {total(attnres) / total(every['standard']):.2%} of the standard "
-          f"step; aten calls per step: standard {total(every['standard'], 1):.0f}, block {total(every['block'], 1):.0f} "
-          f"(AttnRes path {total(attnres, 1):.0f})")  # fmt: skip
+    llama, block, path = total(every[BASELINE]), total(every["block"]), total(attnres)
+    print(
+        f"{args.mode} {args.batch}x{args.seq}, per step: aten self time llama {llama:.1f} ms, block {block:.1f} ms "
+        "(the difference is mostly noise in the shared operators)"
+    )
+    print(
+        f"AttnRes path: {path:.1f} ms = {path / llama:.2%} of the llama step; aten calls per step: llama "
+        f"{total(every[BASELINE], 1):.0f}, block {total(every['block'], 1):.0f} (AttnRes path {total(attnres, 1):.0f})"
+    )
     print(f"\n{'AttnRes operator':<55} {'ms':>8} {'calls':>7}")
     for op, (ms, count) in sorted(attnres.items(), key=lambda item: -item[1][0])[: args.rows]:
         print(f"{op[:55]:<55} {ms:>8.2f} {count:>7.0f}")

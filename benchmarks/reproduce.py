@@ -1,7 +1,8 @@
-"""A small-scale check of the paper's claim: standard residuals vs Block AttnRes vs Full AttnRes, trained from scratch.
+"""A small-scale check of the paper's claim: PreNorm residuals (transformers' Llama) vs Block AttnRes vs Full AttnRes,
+trained from scratch.
 
 The three variants share everything but the residual: the same Llama-style architecture and initial weights (the
-AttnRes models load the standard model's initial state; their pseudo-queries start at zero), the same byte-level BPE
+AttnRes models load the Llama model's initial state; their pseudo-queries start at zero), the same byte-level BPE
 tokenizer, the same data in the same order, the same optimizer and schedule, for each of several seeds. The corpus is
 the CPython standard library's own source (always on disk, offline): every 10th file is held out for validation.
 
@@ -23,15 +24,23 @@ import time
 from pathlib import Path
 
 import torch
-from transformers import PreTrainedTokenizerFast, TrainingArguments, default_data_collator
+from stdlib_corpus import stdlib_texts, token_blocks
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    TrainingArguments,
+    default_data_collator,
+)
 
 from attnres import AttnResConfig, AttnResForCausalLM
 from attnres.diagnostics import collect, format_diagnostics, plot_depth_attention, plot_magnitudes
 from attnres.training import AttnResTrainer
-from stdlib_corpus import stdlib_texts, token_blocks
 
 
-VARIANTS = ("standard", "block", "full")
+BASELINE = "llama"  # transformers' LlamaForCausalLM: the PreNorm model the AttnRes variants share their weights with
+VARIANTS = (BASELINE, "block", "full")
+COLORS = {BASELINE: "gray", "block": "C1", "full": "C0"}
 
 
 def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFast:
@@ -48,19 +57,26 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> PreTrainedTokenizerFas
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
-def build_models(args, vocab_size: int, seed: int) -> dict[str, AttnResForCausalLM]:
+def build_models(args, vocab_size: int, seed: int) -> dict:
     common = dict(
-        vocab_size=vocab_size, hidden_size=args.hidden_size, intermediate_size=args.intermediate_size,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-        max_position_embeddings=args.block_size, attn_res_num_blocks=args.num_blocks, tie_word_embeddings=True,
-        bos_token_id=None, eos_token_id=0, pad_token_id=0,
-    )  # fmt: skip
+        vocab_size=vocab_size,
+        hidden_size=args.hidden_size,
+        intermediate_size=args.intermediate_size,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        max_position_embeddings=args.block_size,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
     torch.manual_seed(seed)
-    standard = AttnResForCausalLM(AttnResConfig(**common, residual_mode="standard"))
-    models = {"standard": standard}
+    llama = LlamaForCausalLM(LlamaConfig(**common))
+    models = {BASELINE: llama}
     for mode in ("block", "full"):
-        model = AttnResForCausalLM(AttnResConfig(**common, residual_mode=mode))
-        model.load_state_dict(standard.state_dict(), strict=False)  # identical shared weights; zero queries
+        model = AttnResForCausalLM(AttnResConfig(**common, residual_mode=mode, attn_res_num_blocks=args.num_blocks))
+        model.load_state_dict(llama.state_dict(), strict=False)  # identical shared weights; zero queries
         models[mode] = model
     return models
 
@@ -69,11 +85,24 @@ def train_one(model, train_blocks, val_blocks, args, seed: int, work: Path) -> d
     trainer = AttnResTrainer(
         model=model,
         args=TrainingArguments(
-            output_dir=str(work), max_steps=args.steps, per_device_train_batch_size=args.batch_size,
-            learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_steps=args.steps // 10,
-            weight_decay=0.1, eval_strategy="steps", eval_steps=args.eval_every, eval_on_start=True,
-            per_device_eval_batch_size=32, logging_steps=args.eval_every, save_strategy="no", report_to="none",
-            use_cpu=True, seed=seed, data_seed=seed, disable_tqdm=True,
+            output_dir=str(work),
+            max_steps=args.steps,
+            per_device_train_batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            lr_scheduler_type="cosine",
+            warmup_steps=args.steps // 10,
+            weight_decay=0.1,
+            eval_strategy="steps",
+            eval_steps=args.eval_every,
+            eval_on_start=True,
+            per_device_eval_batch_size=32,
+            logging_steps=args.eval_every,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            seed=seed,
+            data_seed=seed,
+            disable_tqdm=True,
         ),  # fmt: skip
         train_dataset=train_blocks,
         eval_dataset=val_blocks,
@@ -88,9 +117,9 @@ def train_one(model, train_blocks, val_blocks, args, seed: int, work: Path) -> d
 
 def first_step_reaching(curve: list[tuple[int, float]], target: float) -> float | None:
     """The (linearly interpolated) step at which a loss curve first reaches `target`, or None."""
-    for (s0, l0), (s1, l1) in zip(curve, curve[1:]):
-        if l1 <= target:
-            return s0 + (s1 - s0) * ((l0 - target) / (l0 - l1) if l0 != l1 else 1.0)
+    for (step0, loss0), (step1, loss1) in zip(curve, curve[1:]):
+        if loss1 <= target:
+            return step0 + (step1 - step0) * ((loss0 - target) / (loss0 - loss1) if loss0 != loss1 else 1.0)
     return None
 
 
@@ -119,7 +148,7 @@ def main(args) -> None:
             if seed == args.seeds[0]:
                 diagnostics.append(collect(models[variant], probe, variant))
 
-    baseline_curve = mean_curve(runs["standard"])
+    baseline_curve = mean_curve(runs[BASELINE])
     summary = {}
     for variant in VARIANTS:
         finals = [run["final"] for run in runs[variant]]
@@ -131,7 +160,7 @@ def main(args) -> None:
             "seconds_mean": statistics.mean(run["seconds"] for run in runs[variant]),
             "mean_curve": curve,
         }
-        if variant != "standard":
+        if variant != BASELINE:
             reached = first_step_reaching(curve, baseline_curve[-1][1])
             entry["step_reaching_baseline_final"] = reached
             entry["compute_equivalent_ratio"] = args.steps / reached if reached else None
@@ -159,12 +188,12 @@ def plot_curves(summary, runs, path: Path) -> None:
 
     figure, axis = plt.subplots(figsize=(5.5, 3.5), layout="constrained")
     for variant, entry in summary.items():
-        steps = [s for s, _ in entry["mean_curve"]][1:]
+        steps = [step for step, _ in entry["mean_curve"]][1:]
         for run in runs[variant]:
-            axis.plot(steps, [l for _, l in run["curve"]][1:], alpha=0.25, linewidth=0.8,
-                      color={"standard": "gray", "block": "C1", "full": "C0"}[variant])  # fmt: skip
-        axis.plot(steps, [l for _, l in entry["mean_curve"]][1:], label=variant, linewidth=1.8,
-                  color={"standard": "gray", "block": "C1", "full": "C0"}[variant])  # fmt: skip
+            losses = [loss for _, loss in run["curve"]][1:]
+            axis.plot(steps, losses, alpha=0.25, linewidth=0.8, color=COLORS[variant])
+        mean = [loss for _, loss in entry["mean_curve"]][1:]
+        axis.plot(steps, mean, label=variant, linewidth=1.8, color=COLORS[variant])
     axis.set_xlabel("step")
     axis.set_ylabel("validation loss")
     axis.legend()
@@ -174,12 +203,14 @@ def plot_curves(summary, runs, path: Path) -> None:
 
 def markdown(args, summary, diagnostics, train_blocks: int, val_blocks: int) -> str:
     lines = [
-        f"Llama-style, hidden {args.hidden_size}, {args.layers} layers, {args.heads} heads, FFN {args.intermediate_size}, "
-        f"vocab {args.vocab_size} (byte-level BPE); Block AttnRes with N = {args.num_blocks}. {args.steps} steps × "
-        f"{args.batch_size} × {args.block_size} tokens of CPython stdlib source ({train_blocks:,} blocks), AdamW "
-        f"lr {args.learning_rate} cosine, seeds {', '.join(map(str, args.seeds))}; validation on {val_blocks} held-out blocks.",
+        f"Llama-style, hidden {args.hidden_size}, {args.layers} layers, {args.heads} heads, FFN "
+        f"{args.intermediate_size}, vocab {args.vocab_size} (byte-level BPE); Block AttnRes, N = {args.num_blocks}. "
+        f"{args.steps} steps × {args.batch_size} × {args.block_size} tokens of CPython stdlib source "
+        f"({train_blocks:,} blocks), AdamW lr {args.learning_rate} cosine, seeds {', '.join(map(str, args.seeds))}; "
+        f"validation on {val_blocks} held-out blocks.",
         "",
-        "| variant | validation loss (mean ± std) | per seed | steps to reach the baseline's final loss | compute-equivalent ratio | s/run |",
+        "| variant | validation loss (mean ± std) | per seed | steps to reach the baseline's final loss "
+        "| compute-equivalent ratio | s/run |",
         "|---|---:|---|---:|---:|---:|",
     ]
     for variant, entry in summary.items():
@@ -188,8 +219,8 @@ def markdown(args, summary, diagnostics, train_blocks: int, val_blocks: int) -> 
         lines.append(
             f"| {variant} | {entry['final_mean']:.4f} ± {entry['final_std']:.4f} | "
             f"{', '.join(f'{f:.4f}' for f in entry['finals'])} | "
-            f"{'–' if variant == 'standard' else (f'{reached:.0f}' if reached else 'not reached')} | "
-            f"{'–' if variant == 'standard' else (f'{ratio:.2f}×' if ratio else '–')} | {entry['seconds_mean']:.0f} |"
+            f"{'–' if variant == BASELINE else (f'{reached:.0f}' if reached else 'not reached')} | "
+            f"{'–' if variant == BASELINE else (f'{ratio:.2f}×' if ratio else '–')} | {entry['seconds_mean']:.0f} |"
         )
     lines += ["", "Per-layer input RMS and gradient norm after training (seed " + str(args.seeds[0]) + "):", "",
               format_diagnostics(diagnostics)]  # fmt: skip

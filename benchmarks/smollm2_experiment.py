@@ -23,14 +23,14 @@ from pathlib import Path
 
 import torch
 from peft import get_peft_model
+from stdlib_corpus import stdlib_texts, token_blocks
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, default_data_collator
 
 from attnres.convert import graft, verify_graft
+from attnres.fetch import fetch
 from attnres.model_sources import dequantize_gguf
 from attnres.peft_support import attnres_lora_config, is_attn_res_parameter
-from attnres.fetch import fetch
 from attnres.training import LORA_TARGETS, AttnResTrainer
-from stdlib_corpus import stdlib_texts, token_blocks
 
 
 @torch.no_grad()
@@ -137,10 +137,18 @@ def main(args) -> None:
 
         start = time.perf_counter()
         evaluation = run_eval(
-            model=str(grafted), baseline=str(plain), tasks=[SUITE["humaneval"]], num_fewshot={"humaneval": 0},
-            output=work / "humaneval", force=True, batch_size="8", device="cpu" if not torch.cuda.is_available() else None,
-            dtype="float32", max_gen_toks=args.max_gen_toks, allow_code_execution=True, cache_dir=work / "cache",
-        )  # fmt: skip
+            model=str(grafted),
+            baseline=str(plain),
+            tasks=[SUITE["humaneval"]],
+            num_fewshot={"humaneval": 0},
+            output=work / "humaneval",
+            force=True,
+            batch_size="8",
+            dtype="float32",
+            max_gen_toks=args.max_gen_toks,
+            allow_code_execution=True,
+            cache_dir=work / "cache",
+        )
         report["humaneval"] = {"comparison": evaluation["comparison"], "seconds": time.perf_counter() - start,
                                "max_gen_toks": args.max_gen_toks}  # fmt: skip
     args.output.mkdir(parents=True, exist_ok=True)
@@ -152,9 +160,11 @@ def main(args) -> None:
 def markdown(report: dict) -> str:
     step0 = report["step0"]
     lines = [
-        "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to fp32) grafted with Block AttnRes (N = 8, blocks of 4 layers).",
+        "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to fp32) grafted with Block AttnRes (N = 8, blocks of 4 "
+        "layers).",
         "",
-        f"Step 0 on held-out stdlib source ({step0['tokens']} tokens for logits, {report['held_out_tokens']:,} for loss), fp32:",
+        f"Step 0 on held-out stdlib source ({step0['tokens']} tokens for logits, {report['held_out_tokens']:,} for "
+        "loss), fp32:",
         f"max |Δlogit| {step0['max_abs_logit_diff']:.2e}; held-out loss source {step0['held_out_loss_source']:.6f}, "
         f"graft {step0['held_out_loss_graft']:.6f}; greedy 32-token continuation "
         f"{'identical' if step0['greedy_identical'] else 'DIFFERENT'}.",

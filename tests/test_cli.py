@@ -38,9 +38,15 @@ def test_inspect_json_counts_match_the_model(tmp_path, capsys):
     [
         (lambda tmp: str(tmp / "missing"), "does not exist"),
         (lambda tmp: str(tmp), "has no config.json"),  # an empty directory
-        (lambda tmp: _write(tmp / "llama" / "config.json", {"model_type": "llama"}), "is a 'llama' model, not an AttnRes"),
         (
-            lambda tmp: _write(tmp / "bad" / "config.json", {"model_type": "attnres", "num_hidden_layers": 4, "attn_res_block_size": 0}),
+            lambda tmp: _write(tmp / "llama" / "config.json", {"model_type": "llama"}),
+            "is a 'llama' model, not an AttnRes",
+        ),
+        (
+            lambda tmp: _write(
+                tmp / "bad" / "config.json",
+                {"model_type": "attnres", "num_hidden_layers": 4, "attn_res_block_size": 0},
+            ),
             "attn_res_block_size",
         ),
     ],

@@ -163,7 +163,10 @@ def test_exiting_with_0_does_not_pass_a_wrong_solution(allow_code, early_exit):
 def test_hanging_and_greedy_candidates_are_stopped(allow_code):
     hanging = run_program("while True:\n    pass\n", timeout_s=1.0)
     assert not hanging.passed and hanging.status == "timed out"
-    sleeping_child = run_program("import subprocess, sys\nsubprocess.run([sys.executable, '-c', 'import time; time.sleep(60)'])\n", timeout_s=1.0)
+    sleeping_child = run_program(
+        "import subprocess, sys\nsubprocess.run([sys.executable, '-c', 'import time; time.sleep(60)'])\n",
+        timeout_s=1.0,
+    )
     assert sleeping_child.status == "timed out"
     hungry = run_program("x = bytearray(8 * 1024**3)\n", timeout_s=5.0)
     assert not hungry.passed and "MemoryError" in hungry.detail
@@ -342,9 +345,7 @@ def _home_and_hugging_face_home(shared_dir):
         (directory / secret).write_text("hf_secret")
         (directory / secret).chmod(0o644)
     reader = (
-        "import os\n"
-        f"visible = os.listdir({str(home)!r}) + os.listdir({str(hf_home)!r})\n"
-        "assert not visible, visible\n"
+        f"import os\nvisible = os.listdir({str(home)!r}) + os.listdir({str(hf_home)!r})\nassert not visible, visible\n"
     )
     return {"HOME": str(home), "HF_HOME": str(hf_home)}, reader
 

@@ -2,6 +2,7 @@
 
 import hashlib
 import json
+
 import pytest
 import torch
 from huggingface_hub import ModelCard
@@ -73,7 +74,13 @@ def test_grafted_checkpoint_computes_the_source_model(grafted, family, tied):
 def test_graft_carries_tokenizer_chat_template_generation_config_and_license(grafted):
     root, *_ = grafted
     source, destination = root / "llama-untied-src", root / "llama-untied-dst"
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json", "LICENSE"):
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "generation_config.json",
+        "LICENSE",
+    ):
         assert (destination / name).read_bytes() == (source / name).read_bytes(), name
     tokenizer = AutoTokenizer.from_pretrained(destination, trust_remote_code=True)
     assert tokenizer("the cat is on the tree").input_ids == tiny_tokenizer()("the cat is on the tree").input_ids
@@ -106,10 +113,16 @@ def test_sharded_source_is_copied_not_rewritten(tmp_path):
     new_index = json.loads((tmp_path / "dst" / "model.safetensors.index.json").read_text())
     count = len(source_shards) + 1
     for i, name in enumerate(source_shards, start=1):  # byte-identical copies, renamed
-        assert sha256(tmp_path / "src" / name) == sha256(tmp_path / "dst" / f"model-{i:05d}-of-{count:05d}.safetensors")
+        assert sha256(tmp_path / "src" / name) == sha256(
+            tmp_path / "dst" / f"model-{i:05d}-of-{count:05d}.safetensors"
+        )
     with safe_open(tmp_path / "dst" / f"model-{count:05d}-of-{count:05d}.safetensors", "pt") as reader:
-        assert set(reader.keys()) == {key for key, file in new_index["weight_map"].items() if file.endswith(f"{count:05d}-of-{count:05d}.safetensors")}
-        assert all("_res_" in key for key in reader.keys())
+        assert set(reader.keys()) == {
+            key
+            for key, file in new_index["weight_map"].items()
+            if file.endswith(f"{count:05d}-of-{count:05d}.safetensors")
+        }
+        assert all("_res_" in key for key in reader.keys())  # noqa: SIM118 (safe_open readers are not dicts)
     assert new_index["metadata"]["total_size"] == index["metadata"]["total_size"] + (2 * 5 + 1) * 2 * 32 * 4
 
     report = verify_graft(tmp_path / "src", tmp_path / "dst")
@@ -122,7 +135,7 @@ def test_dtype_conversion_rewrites_weights(tmp_path):
     graft(tmp_path / "src", tmp_path / "dst", dtype="bfloat16", progress=False)
     for shard in (tmp_path / "dst").glob("*.safetensors"):
         with safe_open(shard, "pt") as reader:
-            assert {reader.get_slice(key).get_dtype() for key in reader.keys()} == {"BF16"}
+            assert {reader.get_slice(key).get_dtype() for key in reader.keys()} == {"BF16"}  # noqa: SIM118
     assert json.loads((tmp_path / "dst" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
@@ -148,7 +161,16 @@ def test_cli_convert_with_verify_and_force(tmp_path, capsys):
     assert "is not empty; choose another path or pass --force" in capsys.readouterr().err
     assert (tmp_path / "dst" / "keep.txt").read_text() == "mine"
 
-    argv = ["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--force", "--mode", "full", "--verify", "--no-progress"]
+    argv = [
+        "convert",
+        str(tmp_path / "src"),
+        str(tmp_path / "dst"),
+        "--force",
+        "--mode",
+        "full",
+        "--verify",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     out = capsys.readouterr().out
     assert "greedy continuation identical" in out
@@ -190,7 +212,11 @@ BAD_SOURCES = {
     "corrupt safetensors": (_garble_weights, [], "not a valid safetensors file"),
     "tensor missing": (_remove_a_tensor, [], "lacks 1 tensor(s) the model needs"),
     "config disagrees with weights": (_wrong_config, [], "wrong shape for config.json"),
-    "more blocks than layers": (None, ["--num-blocks", "9"], "--num-blocks must be between 1 and the source's number of layers (5)"),
+    "more blocks than layers": (
+        None,
+        ["--num-blocks", "9"],
+        "--num-blocks must be between 1 and the source's number of layers (5)",
+    ),
     "block size zero": (None, ["--block-size", "0"], "--block-size must be between 1"),
 }
 
@@ -210,8 +236,17 @@ def test_bad_input_gives_one_line_error_and_leaves_nothing(tmp_path, capsys, cas
 
 
 def test_unsupported_architectures_are_refused_with_the_reason(tmp_path, capsys):
-    OPTForCausalLM(OPTConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2, ffn_dim=37, num_attention_heads=4,
-                             max_position_embeddings=64, do_layer_norm_before=False)).save_pretrained(tmp_path / "opt")
+    OPTForCausalLM(
+        OPTConfig(
+            vocab_size=99,
+            hidden_size=32,
+            num_hidden_layers=2,
+            ffn_dim=37,
+            num_attention_heads=4,
+            max_position_embeddings=64,
+            do_layer_norm_before=False,
+        )
+    ).save_pretrained(tmp_path / "opt")
     assert main(["convert", str(tmp_path / "opt"), str(tmp_path / "dst")]) == 1
     err = capsys.readouterr().err
     assert "cannot graft AttnRes onto model_type 'opt'" in err and "post-norm" in err

@@ -59,4 +59,6 @@ def test_inspect_text_writes_plots_and_tables(tmp_path, capsys):
     magnitudes = json.loads(Image.open(tmp_path / "diag" / "magnitudes.png").info["Description"])
     assert magnitudes[runs[1]["label"]]["rms"] == runs[1]["layer_input_rms"]
     assert "| layer |" in capsys.readouterr().out
-    assert main(["inspect", str(attnres), "--text", str(tmp_path / "missing.txt"), "--output", str(tmp_path / "x")]) == 1
+    assert (
+        main(["inspect", str(attnres), "--text", str(tmp_path / "missing.txt"), "--output", str(tmp_path / "x")]) == 1
+    )

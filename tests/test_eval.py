@@ -36,7 +36,9 @@ def eval_args(workspace, output, *extra):
 def report(workspace):
     root = workspace[0]
     output = root / "report"
-    assert main(eval_args(workspace, output, "--tasks", ALL_TASKS, "--allow-code-execution", "--update-model-card")) == 0
+    assert (
+        main(eval_args(workspace, output, "--tasks", ALL_TASKS, "--allow-code-execution", "--update-model-card")) == 0
+    )
     return output
 
 
@@ -81,7 +83,11 @@ def test_graft_generates_the_same_continuations_as_its_source(report):
 
 def test_table_json_and_plot_agree(report):
     results = json.loads((report / "results.json").read_text())
-    table_rows = [line for line in (report / "results.md").read_text().splitlines() if re.match(r"\| \w+ \| [a-z@]", line) and not line.startswith("| task")]
+    table_rows = [
+        line
+        for line in (report / "results.md").read_text().splitlines()
+        if re.match(r"\| \w+ \| [a-z@]", line) and not line.startswith("| task")
+    ]
     assert len(table_rows) == len(results["comparison"])
     for line, row in zip(table_rows, results["comparison"]):
         cells = [cell.strip() for cell in line.strip("|").split("|")]

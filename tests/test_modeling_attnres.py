@@ -28,7 +28,7 @@ def attnres_model(residual_mode: str = "block", query_std: float | None = None, 
     return randomize_(AttnResForCausalLM(tiny_config(residual_mode, **overrides)), query_std=query_std).eval()
 
 
-# --- the Llama-family blocks are transformers' ------------------------------------------------------------------------
+# --- the Llama-family blocks are transformers' -----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -171,7 +171,9 @@ def test_gradients_equal_paper_literal_loop(mode, overrides, implementation):
     # Gradients here reach |g| ~ 60 through up to 21 aggregations, so elementwise fp32 tolerances would flag rounding
     # in cancelling entries; the relative error of each parameter's gradient is the meaningful measure (observed
     # ≤ 1e-5; a wrong term in the backward gives O(1)).
-    errors = {name: ((ours[name] - grad).norm() / grad.norm().clamp_min(1e-12)).item() for name, grad in expected.items()}
+    errors = {
+        name: ((ours[name] - grad).norm() / grad.norm().clamp_min(1e-12)).item() for name, grad in expected.items()
+    }
     worst = max(errors, key=errors.get)
     print(f"[relative-error] {implementation} {mode}{overrides} gradients vs the loop: {errors[worst]:.2g} ({worst})")
     assert errors[worst] < TOLERANCES["fp32_grad_relative"], worst
@@ -263,14 +265,16 @@ def test_static_cache_generation_matches_the_dynamic_cache():
     model = attnres_model("block", query_std=0.3)
     prompt = random_ids(batch=1, seq=6)
     kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
-    assert torch.equal(model.generate(prompt, cache_implementation="static", **kwargs), model.generate(prompt, **kwargs))
+    assert torch.equal(
+        model.generate(prompt, cache_implementation="static", **kwargs), model.generate(prompt, **kwargs)
+    )
 
 
 @requires_fullgraph_compile
 def test_static_cache_generation_compiles_and_matches_the_dynamic_cache():
     """transformers' compiled decoding: `generate(cache_implementation="static")` compiles the decode step. It does so
-    on accelerators only, so the compiled run opts the CPU in the way transformers' own tests do, with fullgraph=True so
-    that any graph break fails the test."""
+    on accelerators only, so the compiled run opts the CPU in the way transformers' own tests do, with fullgraph=True
+    so that any graph break fails the test."""
     from transformers import CompileConfig
 
     model = attnres_model("block", query_std=0.3)
@@ -446,7 +450,9 @@ def test_prenorm_checkpoint_loads_with_only_attnres_keys_missing_and_zero_querie
         elif name.endswith("_res_norm.weight"):
             assert torch.equal(param, torch.ones_like(param)), name
     ids = random_ids()
-    assert_close(model.eval()(ids).logits, reference(ids).logits, "fp32", "llama checkpoint grafted by from_pretrained")
+    assert_close(
+        model.eval()(ids).logits, reference(ids).logits, "fp32", "llama checkpoint grafted by from_pretrained"
+    )
 
 
 def test_device_map_auto_with_disk_offload_matches(tmp_path):

@@ -184,7 +184,10 @@ def test_train_cli_changes_only_the_chosen_parameters(graft_and_text, tmp_path, 
     if mode == "attnres":
         assert others == set()
     elif mode == "lora":  # merged LoRA deltas land exactly in the targeted projections
-        assert others and all(name.split(".")[-2] in {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} for name in others)
+        assert others and all(
+            name.split(".")[-2] in {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+            for name in others
+        )
         assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
     else:
         assert {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"} <= others

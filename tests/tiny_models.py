@@ -126,7 +126,7 @@ def attnres_parameter_names(model: nn.Module) -> set[str]:
     return set(model.attn_res_parameters())
 
 
-WORDS = (
+WORDS = (  # noqa: SIM905 (a word list reads best as text)
     "the a of to in is and it that for on with as was he she they we you def return if else for while class import "
     "from print self none true false one two three four five six seven eight nine ten cat dog house tree river "
     "mountain city road car train plane boat red green blue yellow black white big small old new good bad fast slow "

@@ -152,7 +152,9 @@ def convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="convert weights (default: keep)")
     parser.add_argument("--force", action="store_true", help="replace DST if it exists")
     parser.add_argument(
-        "--allow-pickle", action="store_true", help="read pytorch_model*.bin (unpickling runs code: trusted files only)"
+        "--allow-pickle",
+        action="store_true",
+        help="read pytorch_model*.bin (unpickling runs code: trusted files only)",
     )
     parser.add_argument("--revision", help="Hub revision (branch, tag or commit) of SRC")
     parser.add_argument(
@@ -294,7 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         aliases=["finetune"],
         add_help=False,
-        help="heal a graft, fine-tune (AttnRes params / LoRA / all) or pre-train with Trainer; see `attnres train --help`",
+        help="heal a graft, fine-tune (AttnRes params, LoRA, all) or pre-train with Trainer (`attnres train --help`)",
     )
     return parser
 

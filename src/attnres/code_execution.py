@@ -429,11 +429,17 @@ def code_eval_pass_at_k(
 ) -> dict[str, float]:
     """`code_eval`'s contract: each reference is a test program appended to every candidate of its problem."""
     ks = [k] if isinstance(k, int) else list(k)
-    programs = [f"{candidate}\n\n{reference}\n" for reference, candidates in zip(references, predictions) for candidate in candidates]
+    programs = [
+        f"{candidate}\n\n{reference}\n"
+        for reference, candidates in zip(references, predictions)
+        for candidate in candidates
+    ]
     results = iter(run_programs(programs))
     correct = [sum(next(results).passed for _ in candidates) for candidates in predictions]
     scores = {}
     for each_k in ks:
-        per_problem = [pass_at_k(len(cands), c, each_k) for cands, c in zip(predictions, correct) if len(cands) >= each_k]
+        per_problem = [
+            pass_at_k(len(cands), c, each_k) for cands, c in zip(predictions, correct) if len(cands) >= each_k
+        ]
         scores[f"pass@{each_k}"] = sum(per_problem) / len(per_problem) if per_problem else float("nan")
     return scores

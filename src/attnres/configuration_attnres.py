@@ -24,7 +24,8 @@ from transformers.utils.versions import require_version
 SUPPORTED_TRANSFORMERS = ">=5.4,<6"
 require_version(
     f"transformers{SUPPORTED_TRANSFORMERS}",
-    f"AttnRes models need transformers{SUPPORTED_TRANSFORMERS}: run `pip install -U 'transformers{SUPPORTED_TRANSFORMERS}'`.",
+    f"AttnRes models need transformers{SUPPORTED_TRANSFORMERS}: "
+    f"run `pip install -U 'transformers{SUPPORTED_TRANSFORMERS}'`.",
 )
 
 from huggingface_hub.dataclasses import strict  # noqa: E402
@@ -163,8 +164,8 @@ class AttnResConfig(PreTrainedConfig):
             if user_requested and self.attn_res_num_blocks != requested_blocks:
                 logger.warning(
                     f"attn_res_num_blocks={requested_blocks} cannot split {num_layers} layers into blocks of equal "
-                    f"size; using blocks of {self.attn_res_block_size} layers, i.e. {self.attn_res_num_blocks} blocks. "
-                    "Set attn_res_block_size to choose the partition explicitly."
+                    f"size; using blocks of {self.attn_res_block_size} layers, i.e. {self.attn_res_num_blocks} "
+                    "blocks. Set attn_res_block_size to choose the partition explicitly."
                 )
         elif self.attn_res_num_blocks is None and 1 <= self.attn_res_block_size <= num_layers:
             self.attn_res_num_blocks = math.ceil(num_layers / self.attn_res_block_size)
@@ -193,7 +194,9 @@ class AttnResConfig(PreTrainedConfig):
             )
         rope_type = (self.rope_parameters or {}).get("rope_type", "default")
         if rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS:
-            raise ValueError(f"rope_parameters: unknown rope_type {rope_type!r}; known: default, {', '.join(ROPE_INIT_FUNCTIONS)}.")
+            raise ValueError(
+                f"rope_parameters: unknown rope_type {rope_type!r}; known: default, {', '.join(ROPE_INIT_FUNCTIONS)}."
+            )
         self._validate_layer_types()
         self._validate_block_partition()
 
@@ -217,8 +220,8 @@ class AttnResConfig(PreTrainedConfig):
         block_size, num_blocks = self.attn_res_block_size, self.attn_res_num_blocks
         if num_blocks is not None and not 1 <= num_blocks <= num_layers:
             raise ValueError(
-                f"attn_res_num_blocks must be between 1 and num_hidden_layers ({num_layers}), got {num_blocks}: a block "
-                "holds at least one layer. Use residual_mode='full' for one source per sublayer."
+                f"attn_res_num_blocks must be between 1 and num_hidden_layers ({num_layers}), got {num_blocks}: a "
+                "block holds at least one layer. Use residual_mode='full' for one source per sublayer."
             )
         if block_size is None or not 1 <= block_size <= num_layers:
             raise ValueError(

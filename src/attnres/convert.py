@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
-from huggingface_hub.errors import StrictDataclassError
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.activations import ACT2FN
@@ -32,7 +32,7 @@ from .configuration_attnres import AttnResConfig
 from .errors import AttnResError
 from .families import SUPPORTED_FAMILIES, attnres_config_kwargs, unsupported_message
 from .model_card import render_model_card, source_license
-from .model_sources import locate_model, local_checkpoint
+from .model_sources import local_checkpoint, locate_model
 from .modeling_attnres import AttnResForCausalLM
 from .paths import staged_directory
 
@@ -41,8 +41,20 @@ logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1,
-               "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
 # Files that travel with the weights: the tokenizer, its chat template, generation defaults and license terms.
 CARRIED_FILES = (
     "tokenizer.json",
@@ -61,7 +73,7 @@ CARRIED_PATTERNS = ("LICENSE*", "NOTICE*", "USE_POLICY*")
 DROPPABLE_SUFFIXES = (".rotary_emb.inv_freq",)
 COPY_CHUNK_BYTES = 256 * 2**20
 LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
-VERIFY_TEXT = "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n    if n < 2:\n        return n\n"
+VERIFY_TEXT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    if n < 2:\n        return n\n'
 
 
 class ConversionError(AttnResError):
@@ -123,36 +135,38 @@ def graft(
         check_not_nested(located.directory or located.gguf_file, destination)
     patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja", "README.md", *CARRIED_PATTERNS]
     command = command or f"attnres convert {source} {destination.name} --mode {mode}"
-    with staged_directory(destination, force=force, flag="DST") as work_dir:
-        with local_checkpoint(
+    with (
+        staged_directory(destination, force=force, flag="DST") as work_dir,
+        local_checkpoint(
             located,
             revision=revision,
             allow_patterns=patterns + (["*.bin"] if allow_pickle else []),
             scratch_dir=work_dir,  # a dequantized GGUF source lives inside the staging directory until it is removed
-        ) as source_dir:
-            source_config = read_source_config(source_dir)
-            shards = read_source_shards(source_dir, allow_pickle=allow_pickle)
-            check_layers_match(source_config.num_hidden_layers, shards)  # before building a model of that depth
-            config = build_config(source_config, mode=mode, num_blocks=num_blocks, block_size=block_size)
-            with torch.device("meta"):
-                model = AttnResForCausalLM(config)
-            target_dtype = DTYPES[dtype] if dtype else source_dtype(source_config, shards)
-            config.dtype = target_dtype
-            config.architectures = [AttnResForCausalLM.__name__]
-            check_tensors_match(model, shards, tie_word_embeddings=config.tie_word_embeddings)
-            write_weights(model, shards, work_dir, target_dtype=target_dtype if dtype else None, progress=progress)
-            config.save_pretrained(work_dir)
-            custom_object_save(model, work_dir, config=config)  # ships modeling_attnres.py (remote code)
-            carry_files(source_dir, work_dir)
-            card = render_model_card(
-                config,
-                base_model=located.hub_id or (located.gguf_file or located.directory).name,
-                base_model_is_hub_id=located.hub_id is not None,
-                license_fields=source_license(source_dir),
-                command=command,
-                dtype=str(target_dtype).removeprefix("torch."),
-            )
-            (work_dir / "README.md").write_text(card)
+        ) as source_dir,
+    ):
+        source_config = read_source_config(source_dir)
+        shards = read_source_shards(source_dir, allow_pickle=allow_pickle)
+        check_layers_match(source_config.num_hidden_layers, shards)  # before building a model of that depth
+        config = build_config(source_config, mode=mode, num_blocks=num_blocks, block_size=block_size)
+        with torch.device("meta"):
+            model = AttnResForCausalLM(config)
+        target_dtype = DTYPES[dtype] if dtype else source_dtype(source_config, shards)
+        config.dtype = target_dtype
+        config.architectures = [AttnResForCausalLM.__name__]
+        check_tensors_match(model, shards, tie_word_embeddings=config.tie_word_embeddings)
+        write_weights(model, shards, work_dir, target_dtype=target_dtype if dtype else None, progress=progress)
+        config.save_pretrained(work_dir)
+        custom_object_save(model, work_dir, config=config)  # ships modeling_attnres.py (remote code)
+        carry_files(source_dir, work_dir)
+        card = render_model_card(
+            config,
+            base_model=located.hub_id or (located.gguf_file or located.directory).name,
+            base_model_is_hub_id=located.hub_id is not None,
+            license_fields=source_license(source_dir),
+            command=command,
+            dtype=str(target_dtype).removeprefix("torch."),
+        )
+        (work_dir / "README.md").write_text(card)
     return destination
 
 
@@ -160,9 +174,13 @@ def check_not_nested(source: Path, destination: Path) -> None:
     """DST may be neither inside SRC (a checkpoint directory) nor hold it (replacing DST would delete it)."""
     source_dir, resolved = source.resolve(), destination.resolve()
     if source_dir.is_dir() and (resolved == source_dir or resolved.is_relative_to(source_dir)):
-        raise ConversionError(f"DST {str(destination)!r} is inside SRC {str(source_dir)!r}; choose a directory outside it")
+        raise ConversionError(
+            f"DST {str(destination)!r} is inside SRC {str(source_dir)!r}; choose a directory outside it"
+        )
     if source_dir.is_relative_to(resolved):
-        raise ConversionError(f"SRC {str(source_dir)!r} is inside DST {str(destination)!r}; replacing DST would delete it")
+        raise ConversionError(
+            f"SRC {str(source_dir)!r} is inside DST {str(destination)!r}; replacing DST would delete it"
+        )
 
 
 # --- the source ------------------------------------------------------------------------------------------------------
@@ -179,7 +197,9 @@ def read_source_config(source_dir: Path):
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ConversionError(f"{config_file} is not valid JSON: {error}") from None
     if not isinstance(raw, dict):
-        raise ConversionError(f"{config_file} must hold a JSON object (a transformers config), not {type(raw).__name__}")
+        raise ConversionError(
+            f"{config_file} must hold a JSON object (a transformers config), not {type(raw).__name__}"
+        )
     model_type = raw.get("model_type")
     if not isinstance(model_type, str) or model_type not in SUPPORTED_FAMILIES:
         raise ConversionError(unsupported_message(model_type if isinstance(model_type, str) else repr(model_type)))
@@ -193,9 +213,13 @@ def build_config(source_config, *, mode: str, num_blocks: int | None, block_size
     layers = source_config.num_hidden_layers
     for flag, value in (("--num-blocks", num_blocks), ("--block-size", block_size)):
         if value is not None and not 1 <= value <= layers:
-            raise ConversionError(f"{flag} must be between 1 and the source's number of layers ({layers}), got {value}")
+            raise ConversionError(
+                f"{flag} must be between 1 and the source's number of layers ({layers}), got {value}"
+            )
     if source_config.hidden_act not in ACT2FN:
-        raise ConversionError(f"config.json: hidden_act {source_config.hidden_act!r} is not an activation transformers knows")
+        raise ConversionError(
+            f"config.json: hidden_act {source_config.hidden_act!r} is not an activation transformers knows"
+        )
     try:
         return AttnResConfig(
             **attnres_config_kwargs(source_config),
@@ -240,7 +264,10 @@ def read_source_shards(source_dir: Path, *, allow_pickle: bool) -> list[SourceSh
             raise ConversionError(f"the safetensors index lists {name}, which is missing from {source_dir}")
         try:
             with safe_open(path, framework="pt") as reader:
-                tensors = {key: (reader.get_slice(key).get_dtype(), reader.get_slice(key).get_shape()) for key in reader.keys()}
+                tensors = {
+                    key: (reader.get_slice(key).get_dtype(), reader.get_slice(key).get_shape())
+                    for key in reader.keys()  # noqa: SIM118 (safe_open readers are not dicts)
+                }
         except SafetensorError as error:
             raise ConversionError(f"{path} is not a valid safetensors file (corrupt or truncated?): {error}") from None
         if weight_map is not None:
@@ -281,10 +308,14 @@ def check_layers_match(num_hidden_layers: int, shards: list[SourceShard]) -> Non
     config claiming 100,000 layers is refused before a model of that depth is built)."""
     layers = {int(match[1]) for shard in shards for name in shard.tensors if (match := LAYER_INDEX.match(name))}
     if layers != set(range(num_hidden_layers)):
-        found = f"layers 0-{max(layers)}" if layers == set(range(len(layers))) and layers else f"{len(layers)} layer index(es)"
+        found = (
+            f"layers 0-{max(layers)}"
+            if layers == set(range(len(layers))) and layers
+            else f"{len(layers)} layer index(es)"
+        )
         raise ConversionError(
-            f"config.json declares num_hidden_layers={num_hidden_layers} but the weights hold {found}: does config.json "
-            "describe these weights?"
+            f"config.json declares num_hidden_layers={num_hidden_layers} but the weights hold {found}: does "
+            "config.json describe these weights?"
         )
 
 
@@ -297,7 +328,7 @@ def source_dtype(source_config, shards: list[SourceShard]) -> torch.dtype:
 
 
 def check_tensors_match(model: AttnResForCausalLM, shards: list[SourceShard], *, tie_word_embeddings: bool) -> None:
-    """Every tensor the model needs (but the AttnRes ones) is in the source with the right shape, and nothing else is."""
+    """Every tensor the model needs (but the AttnRes ones) is in the source with the right shape; nothing else is."""
     expected = {name: list(tensor.shape) for name, tensor in model.state_dict().items()}
     attnres = set(model.attn_res_parameters())
     found: dict[str, list[int]] = {}
@@ -442,8 +473,8 @@ def carry_files(source_dir: Path, work_dir: Path) -> None:
 def verify_graft(
     source: str | os.PathLike, destination: str | os.PathLike, *, text: str = VERIFY_TEXT, max_new_tokens: int = 16
 ) -> dict:
-    """Load the source and the grafted checkpoint in fp32 (both at once: memory for two fp32 models) and compare them on
-    `text`: the largest logit difference and whether greedy decoding produces the same tokens."""
+    """Load the source and the grafted checkpoint in fp32 (both at once: memory for two fp32 models) and compare them
+    on `text`: the largest logit difference and whether greedy decoding produces the same tokens."""
     located = locate_model(str(source), flag="SRC")
     destination = Path(destination)
     if any((destination / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):

@@ -49,14 +49,18 @@ def collect(model, input_ids: torch.Tensor, label: str) -> Diagnostics:
     model.zero_grad(set_to_none=True)
     is_attnres = getattr(model.config, "model_type", None) == "attnres"
     with recorded_layer_inputs(model) as layer_inputs:
-        outputs = model(input_ids, labels=input_ids, output_depth_attentions=True) if is_attnres else model(
-            input_ids, labels=input_ids
+        outputs = (
+            model(input_ids, labels=input_ids, output_depth_attentions=True)
+            if is_attnres
+            else model(input_ids, labels=input_ids)
         )
         outputs.loss.backward()
     rms = [float(h.float().pow(2).mean().sqrt()) for h in layer_inputs]
     grad_norms = []
     for layer in model.model.layers:  # its own weights; AttnRes parameters left out, so models compare like for like
-        grads = [p.grad for name, p in layer.named_parameters() if p.grad is not None and not is_attn_res_parameter(name)]
+        grads = [
+            p.grad for name, p in layer.named_parameters() if p.grad is not None and not is_attn_res_parameter(name)
+        ]
         grad_norms.append(math.sqrt(sum(float(g.float().pow(2).sum()) for g in grads)))
     model.zero_grad(set_to_none=True)
     result = Diagnostics(label, rms, grad_norms, float(outputs.loss.detach()), int(input_ids.numel()))
@@ -219,6 +223,8 @@ def diagnose(model: str, text_file: Path, output: Path, *, baseline: str | None 
     with staged_directory(output, flag="--output") as staging:
         plot_depth_attention(runs[0], staging / "depth_attention.png")
         plot_magnitudes(runs, staging / "magnitudes.png")
-        (staging / "diagnostics.md").write_text(f"{input_ids.shape[1]} tokens of {text_file.name}; loss: {losses}\n\n{table}\n")
+        (staging / "diagnostics.md").write_text(
+            f"{input_ids.shape[1]} tokens of {text_file.name}; loss: {losses}\n\n{table}\n"
+        )
         (staging / "diagnostics.json").write_text(json.dumps([run.to_dict() for run in runs], indent=2) + "\n")
     return table

@@ -160,7 +160,9 @@ def local_data_override(directory: Path, config: dict, num_fewshot: int, task_na
             override[key] = None
     evaluated = config.get("test_split") or config.get("validation_split")
     if evaluated not in data_files:
-        raise TaskSetupError(f"{task_name}: no {evaluated} split in {directory} (expected {evaluated}.jsonl or .parquet)")
+        raise TaskSetupError(
+            f"{task_name}: no {evaluated} split in {directory} (expected {evaluated}.jsonl or .parquet)"
+        )
     fewshot_split = config.get("fewshot_split")
     if num_fewshot and fewshot_split and fewshot_split not in data_files:
         raise TaskSetupError(

@@ -30,7 +30,6 @@ from .paths import check_replaceable, staged_directory
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass
 class ComparisonRow:
     """One metric of one task: the two models' scores, their standard errors and the difference."""
@@ -103,14 +102,18 @@ def evaluate_model(
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
+    device = device or default_device()
+    if device == "cpu":  # accelerate forms a multi-process world on CPUs only when asked (`accelerate launch --cpu`)
+        os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     lm = HFLM(
         pretrained=model,
         trust_remote_code=True,
         backend="causal",
         dtype=dtype,
         batch_size=batch_size,
-        device=device or default_device(),
+        device=device,
     )
+    split_requests_across_processes(lm)
     cache = None
     if cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
@@ -129,19 +132,42 @@ def evaluate_model(
     del lm
     if results is None:  # simple_evaluate gathers the results on the first process of a distributed run
         return None
-    results["samples"] = sample_records(results.get("samples", {}))
+    results["samples"] = sample_records(results.get("samples", {}), results["configs"])
     return json.loads(json.dumps(results, default=_jsonable))
 
 
-def sample_records(samples: dict[str, list[dict]]) -> dict[str, list[dict]]:
+def sample_records(samples: dict[str, list[dict]], configs: dict[str, dict]) -> dict[str, list[dict]]:
     """Per task, one record per document: its id and hashes, the model's raw responses (`resps`: generated text, or
     loglikelihoods), the filtered responses and the metric values; lm-eval's copies of the document and the prompt
-    arguments are dropped (the hashes identify them). Both models answer the same documents, so records pair up."""
-    keep = ("doc_id", "doc_hash", "prompt_hash", "target_hash", "resps", "filtered_resps")
-    return {
-        task: [{**{key: record[key] for key in keep}, "metrics": {m: record[m] for m in record["metrics"]}} for record in records]
-        for task, records in samples.items()
-    }
+    arguments are dropped (the hashes identify them). Both models answer the same documents, so records pair up.
+
+    Each request keeps the task's `repeats` responses: in a distributed run lm-eval pads a process's last request with
+    copies of itself, so that every process runs as many batches, and appends their responses to it."""
+    keep = ("doc_id", "doc_hash", "prompt_hash", "target_hash", "filtered_resps")
+    records = {}
+    for task, task_samples in samples.items():
+        repeats = configs.get(task, {}).get("repeats", 1)
+        records[task] = [
+            {
+                **{key: record[key] for key in keep},
+                "resps": [responses[:repeats] for responses in record["resps"]],
+                "metrics": {metric: record[metric] for metric in record["metrics"]},
+            }
+            for record in task_samples
+        ]
+    return records
+
+
+def split_requests_across_processes(lm) -> None:
+    """Under `accelerate launch` / `torchrun`, give every process its share of lm-eval's requests.
+
+    HFLM (lm-eval 0.4.13) turns data parallelism on only when it counts more than one CUDA device; on CPUs (and MPS)
+    every process would evaluate every request, and only the first would report. This sets the rank and world size
+    HFLM itself uses for its split and its gathering (`lm.rank`, `lm.world_size`, through its accelerator), on any
+    device."""
+    accelerator = getattr(lm, "accelerator", None)
+    if accelerator is not None and accelerator.num_processes > 1 and lm.world_size == 1:
+        lm._rank, lm._world_size = accelerator.process_index, accelerator.num_processes
 
 
 def task_metrics(results: dict, lm_eval_name: str) -> dict[str, tuple[float, float | None]]:
@@ -168,7 +194,9 @@ def comparison_rows(
         theirs = task_metrics(baseline, lm_eval_name) if baseline is not None else {}
         samples = attnres.get("n-samples", {})
         count = sum(
-            value.get("effective", 0) for name, value in samples.items() if name == lm_eval_name or name in _leaves(attnres, lm_eval_name)
+            value.get("effective", 0)
+            for name, value in samples.items()
+            if name == lm_eval_name or name in _leaves(attnres, lm_eval_name)
         )
         for metric, (value, stderr) in ours.items():
             base_value, base_stderr = theirs.get(metric, (None, None))
@@ -188,7 +216,9 @@ def format_table(rows: list[ComparisonRow], baseline_label: str | None, attnres_
 
     if baseline_label is None:
         lines = [f"| task | metric | n | {attnres_label} |", "|---|---|---:|---:|"]
-        lines += [f"| {r.task} | {r.metric} | {r.samples or '–'} | {number(r.attnres, r.attnres_stderr)} |" for r in rows]
+        lines += [
+            f"| {r.task} | {r.metric} | {r.samples or '–'} | {number(r.attnres, r.attnres_stderr)} |" for r in rows
+        ]
         return "\n".join(lines)
     lines = [
         f"| task | metric | n | baseline: {baseline_label} | AttnRes: {attnres_label} | delta |",
@@ -236,13 +266,20 @@ def plot_comparison(rows: list[ComparisonRow], path: Path, title: str) -> None:
     )
     for bar, row in zip(bars, primary):
         if row.delta is not None:
-            axis.annotate(f"{row.delta:+.3f}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
-                          va="bottom", fontsize=8, xytext=(0, 6), textcoords="offset points")
+            axis.annotate(
+                f"{row.delta:+.3f}",
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+                xytext=(0, 6),
+                textcoords="offset points",
+            )
     axis.set_xticks(list(positions), labels, fontsize=8)
     axis.set_ylabel("score")
     axis.set_title(title, fontsize=9)
     axis.legend(fontsize=8)
-    # The plotted numbers travel in the PNG's metadata, so a reader (or a test) can check the picture against the table.
+    # The plotted numbers travel in the PNG's metadata, so that a reader (or a test) can check the picture.
     plotted = [{"task": r.task, "metric": r.metric, "baseline": r.baseline, "attnres": r.attnres} for r in primary]
     figure.savefig(path, dpi=150, metadata={"Description": json.dumps(plotted)})
     plt.close(figure)
@@ -306,7 +343,9 @@ def run_eval(
             prepared = write_task_configs(tasks, Path(task_dir), num_fewshot=num_fewshot, data_dir=data_dir)
             settings = dict(limit=limit, batch_size=batch_size, device=device, dtype=dtype, max_gen_toks=max_gen_toks,
                             cache_dir=cache_dir, allow_code_execution=allow_code_execution)  # fmt: skip
-            outputs = {label: evaluate_model(name, prepared, label=label, **settings) for label, name in models.items()}
+            outputs = {
+                label: evaluate_model(name, prepared, label=label, **settings) for label, name in models.items()
+            }
     finally:
         if opt_in_before is None:
             os.environ.pop(OPT_IN_VARIABLE, None)
@@ -366,7 +405,9 @@ def write_report(
     (directory / "results.json").write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
     (directory / "results.md").write_text(markdown.rstrip() + "\n")
     for label, results in outputs.items():  # per-document responses and scores, one JSON line per document
-        lines = [json.dumps({"task": task, **record}) for task, records in results["samples"].items() for record in records]
+        lines = [
+            json.dumps({"task": task, **record}) for task, records in results["samples"].items() for record in records
+        ]
         (directory / f"samples-{label}.jsonl").write_text("".join(line + "\n" for line in lines))
     plot_comparison(rows, directory / "comparison.png", f"{labels['attnres']} vs {labels.get('baseline', '—')}")
     if card_text is not None and RESULTS_START in card_text:  # an AttnRes card made by `attnres convert`

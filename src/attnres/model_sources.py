@@ -47,7 +47,9 @@ def locate_model(name: str, *, flag: str = "model") -> ModelSource:
         detail = f"holds {len(found)} .gguf files; name the one to use" if found else "has no config.json"
         raise AttnResError(f"{flag} {name!r} {detail}: a transformers checkpoint directory was expected")
     if is_missing_local_path(name):
-        raise AttnResError(f"{flag} {name!r} does not exist (expected a checkpoint directory, a .gguf file or a Hub id)")
+        raise AttnResError(
+            f"{flag} {name!r} does not exist (expected a checkpoint directory, a .gguf file or a Hub id)"
+        )
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
     try:
@@ -85,7 +87,9 @@ def download(hub_id: str, *, revision: str | None, allow_patterns: list[str] | N
         return Path(snapshot_download(hub_id, revision=revision, allow_patterns=allow_patterns))
     except Exception as error:  # offline, 404, gated, ...: the Hub's message says which
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise AttnResError(f"{hub_id!r} is not a local path and could not be downloaded from the Hub: {reason}") from None
+        raise AttnResError(
+            f"{hub_id!r} is not a local path and could not be downloaded from the Hub: {reason}"
+        ) from None
 
 
 def dequantize_gguf(gguf_file: Path, output: Path) -> None:
@@ -97,7 +101,9 @@ def dequantize_gguf(gguf_file: Path, output: Path) -> None:
     if importlib.util.find_spec("gguf") is None:
         raise AttnResError("reading GGUF files needs the gguf package: pip install 'attnres[gguf]'")
     try:
-        quantized = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32
+        )
         tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     except Exception as error:  # gguf raises what its parser meets (struct.error, KeyError, ValueError, ...)
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -42,7 +42,7 @@ from .configuration_attnres import AttnResConfig  # checks the transformers vers
 
 logger = logging.get_logger(__name__)
 
-# --- Compatibility across the supported transformers releases ---------------------------------------------------------
+# --- Compatibility across the supported transformers releases --------------------------------------------------------
 # transformers 5.24 renamed the KV cache `past_key_values` -> `cache`: the forward argument that `generate` passes, the
 # output field it reads back, the mask helpers' argument, and the name `GradientCheckpointingLayer` clears. Releases
 # before 5.24 know only `past_key_values`. This file hands the cache to transformers under the installed release's
@@ -268,7 +268,7 @@ class AttnResAttention(nn.Module):
         return attn_output, attn_weights
 
 
-# ----------------------------------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------------------------------
 # Attention Residuals (paper Eq. 2-6). Sublayer `l` reads `h_l = Σ_i α_{i→l} v_i`, `α_{i→l} = softmax_i(w_l · k_i)`,
 # `k_i = RMSNorm(v_i)`, over its sources `v_i`: the token embedding, the completed block sums and the running sum of
 # the current block (Full AttnRes: every earlier sublayer output).
@@ -422,7 +422,11 @@ class PhaseOneFunction(torch.autograd.Function):
         probabilities = probabilities.view(num_sources, tokens, num_queries)
 
         # All that reaches the probabilities: directly, and through the weighted sum `outputs = Σ_i p_i v_i`.
-        grad_p = torch.zeros_like(probabilities) if grad_probabilities is None else grad_probabilities.reshape(probabilities.shape)
+        grad_p = (
+            torch.zeros_like(probabilities)
+            if grad_probabilities is None
+            else grad_probabilities.reshape(probabilities.shape)
+        )
         grad_stack = None
         if grad_outputs is not None:
             grad_outputs = as_float32(grad_outputs).reshape(tokens, num_queries, hidden)
@@ -487,7 +491,7 @@ ATTN_RES_IMPLEMENTATIONS = {"naive": NaiveDepthAttention, "two_phase": TwoPhaseD
 
 
 def inverse_rms(hidden_states: torch.Tensor, eps: float) -> torch.Tensor:
-    """`1 / sqrt(mean(x²) + eps)` over the hidden dimension, in fp32 and in one pass over `x`: (..., hidden) -> (...)."""
+    """`1 / sqrt(mean(x²) + eps)` over the hidden dimension, in fp32, in one pass over `x`: (..., hidden) -> (...)."""
     norm = torch.linalg.vector_norm(hidden_states, dim=-1, dtype=torch.float32)
     return torch.rsqrt((norm * norm).mul_(1 / hidden_states.shape[-1]).add_(eps))
 
@@ -594,8 +598,12 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         attention, mlp = 2 * layer_idx, 2 * layer_idx + 1  # the two sublayers' indices
         # A zero-query aggregation over n sources is the PreNorm stream / n, and RMSNorm_ε(x / n) = RMSNorm_{n²ε}(x):
         # this eps makes a graft compute its source's function exactly (see AttnResModel).
-        self.input_layernorm = AttnResRMSNorm(config.hidden_size, config.rms_norm_eps / config.num_depth_sources(attention) ** 2)
-        self.post_attention_layernorm = AttnResRMSNorm(config.hidden_size, config.rms_norm_eps / config.num_depth_sources(mlp) ** 2)
+        self.input_layernorm = AttnResRMSNorm(
+            config.hidden_size, config.rms_norm_eps / config.num_depth_sources(attention) ** 2
+        )
+        self.post_attention_layernorm = AttnResRMSNorm(
+            config.hidden_size, config.rms_norm_eps / config.num_depth_sources(mlp) ** 2
+        )
         self.self_attention_res_proj = AttnResPseudoQuery(config.hidden_size)
         self.self_attention_res_norm = AttnResKeyNorm(config.hidden_size)
         self.mlp_res_proj = AttnResPseudoQuery(config.hidden_size)
@@ -830,7 +838,9 @@ class AttnResModel(AttnResPreTrainedModel):
                     **layer_kwargs,
                 )
                 if attention_output is not None:  # Full AttnRes
-                    sources, sources_inv_rms = commit_source(sources, sources_inv_rms, attention_output, completed, eps)
+                    sources, sources_inv_rms = commit_source(
+                        sources, sources_inv_rms, attention_output, completed, eps
+                    )
                     completed += 1
 
         implementation = ATTN_RES_IMPLEMENTATIONS[self.config.attn_res_implementation]
@@ -850,7 +860,9 @@ class AttnResModel(AttnResPreTrainedModel):
             blocks[-1].append(layer)
         return blocks
 
-    def read_block(self, block: list[AttnResDecoderLayer], sources: torch.Tensor, sources_inv_rms: torch.Tensor) -> list:
+    def read_block(
+        self, block: list[AttnResDecoderLayer], sources: torch.Tensor, sources_inv_rms: torch.Tensor
+    ) -> list:
         """Phase 1 for every aggregation of `block` at once (Algorithm 1: a block's queries share one read of the
         sources), as each layer's two reads; `None` for a layer that must compute its own. That is the case under
         activation checkpointing (a recomputed layer recomputes its phase 1 from its own inputs, keeping only the
@@ -859,8 +871,15 @@ class AttnResModel(AttnResPreTrainedModel):
         own_reads = [None] * len(block)
         if len(block) == 1 or (self.gradient_checkpointing and self.training):
             return own_reads
-        depth_parameters = [module for layer in block for module in layer.children() if isinstance(module, (AttnResPseudoQuery, AttnResKeyNorm))]
-        if not all(holds_full_parameters(module) and module.weight.device == sources.device for module in depth_parameters):
+        depth_parameters = [
+            module
+            for layer in block
+            for module in layer.children()
+            if isinstance(module, (AttnResPseudoQuery, AttnResKeyNorm))
+        ]
+        if not all(
+            holds_full_parameters(module) and module.weight.device == sources.device for module in depth_parameters
+        ):
             return own_reads
         queries, key_weights = zip(*(layer.depth_queries() for layer in block))
         implementation = ATTN_RES_IMPLEMENTATIONS[self.config.attn_res_implementation]

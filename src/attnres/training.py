@@ -80,13 +80,23 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     dataset: str = field(
-        metadata={"help": "text data: a .txt/.json/.jsonl/.parquet/.csv file, a directory of them, or a Hub dataset id"}
+        metadata={
+            "help": "text data: a .txt/.json/.jsonl/.parquet/.csv file, a directory of them, or a Hub dataset id"
+        }
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name"})
     text_column: str = field(default="text", metadata={"help": "column holding the text (.txt files: 'text')"})
     block_size: int = field(default=512, metadata={"help": "tokens per training sequence (texts are concatenated)"})
     validation_fraction: float = field(default=0.05, metadata={"help": "share of blocks held out for evaluation"})
     max_blocks: int | None = field(default=None, metadata={"help": "use at most this many training blocks"})
+
+    def __post_init__(self):
+        if self.block_size < 2:
+            raise ValueError(f"--block_size must be at least 2 tokens, got {self.block_size}")
+        if self.max_blocks is not None and self.max_blocks < 1:
+            raise ValueError(f"--max_blocks must be a positive number of blocks, got {self.max_blocks}")
+        if not 0 <= self.validation_fraction < 1:
+            raise ValueError(f"--validation_fraction must lie in [0, 1), got {self.validation_fraction}")
 
 
 def load_text_dataset(data: DataArguments):
@@ -101,18 +111,31 @@ def load_text_dataset(data: DataArguments):
             raise TrainingSetupError(f"--dataset {path}: expected {', '.join(TEXT_FORMATS)} files")
         if len(formats) > 1:
             raise TrainingSetupError(f"--dataset {path}: mixes file formats {sorted(formats)}; use one")
+        if all(p.stat().st_size == 0 for p in files):
+            raise TrainingSetupError(f"--dataset {path}: empty (0 bytes); nothing to train on")
         builder = formats.pop()
         kwargs = {"sample_by": "document"} if builder == "text" else {}
-        dataset = datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **kwargs)
-    elif is_missing_local_path(data.dataset):
+        load = lambda: datasets.load_dataset(builder, data_files=[str(p) for p in files], split="train", **kwargs)  # noqa: E731
+    elif is_missing_local_path(data.dataset) or Path(data.dataset).suffix in TEXT_FORMATS:
         raise TrainingSetupError(f"--dataset {data.dataset} does not exist (expected a file, directory or Hub id)")
     else:
-        dataset = datasets.load_dataset(data.dataset, data.dataset_config, split="train")
+        load = lambda: datasets.load_dataset(data.dataset, data.dataset_config, split="train")  # noqa: E731
+    try:
+        dataset = load()
+    except (datasets.exceptions.DatasetGenerationError, ValueError, OSError) as error:  # unreadable or unreachable
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise TrainingSetupError(f"--dataset {data.dataset}: cannot be read ({reason})") from None
     if data.text_column not in dataset.column_names:
         raise TrainingSetupError(
-            f"--dataset {data.dataset} has no column {data.text_column!r} (columns: {', '.join(dataset.column_names)}); "
-            "pass --text_column"
+            f"--dataset {data.dataset} has no column {data.text_column!r} "
+            f"(columns: {', '.join(dataset.column_names)}); pass --text_column"
         )
+    feature = dataset.features[data.text_column]
+    if getattr(feature, "dtype", None) not in ("string", "large_string"):
+        raise TrainingSetupError(f"--dataset {data.dataset}: column {data.text_column!r} holds {feature}, not text")
+    missing = sum(text is None for text in dataset[data.text_column])
+    if missing:
+        raise TrainingSetupError(f"--dataset {data.dataset}: {missing} row(s) have no {data.text_column!r}; drop them")
     return dataset
 
 
@@ -132,7 +155,9 @@ def tokenize_into_blocks(dataset, tokenizer, data: DataArguments, args: Training
 
     with args.main_process_first(desc="tokenizing"):
         tokenized = dataset.map(tokenize, batched=True, remove_columns=dataset.column_names, desc="tokenizing")
-        blocks = tokenized.map(group, batched=True, batch_size=1000, desc=f"grouping into {data.block_size}-token blocks")
+        blocks = tokenized.map(
+            group, batched=True, batch_size=1000, desc=f"grouping into {data.block_size}-token blocks"
+        )
     if len(blocks) < 2:
         raise TrainingSetupError(
             f"--dataset {data.dataset} gives {len(blocks)} block(s) of {data.block_size} tokens; use more text or a "
@@ -161,7 +186,9 @@ def load_model(model_args: ModelArguments, tokenizer):
         except (OSError, ValueError) as error:
             raise TrainingSetupError(f"--init_config {model_args.init_config}: {error}") from error
         if config.vocab_size < len(tokenizer):
-            raise TrainingSetupError(f"--init_config vocab_size {config.vocab_size} < the tokenizer's {len(tokenizer)}")
+            raise TrainingSetupError(
+                f"--init_config vocab_size {config.vocab_size} < the tokenizer's {len(tokenizer)}"
+            )
         model = AttnResForCausalLM(config)
     else:
         try:
@@ -222,7 +249,10 @@ class AttnResTrainer(Trainer):
 
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog="attnres train")
-    return parser.parse_args_into_dataclasses(args=argv)
+    try:
+        return parser.parse_args_into_dataclasses(args=argv)
+    except ValueError as error:  # the dataclasses' own validation of what the flags say (TrainingArguments' too)
+        raise TrainingSetupError(str(error).strip().splitlines()[0]) from None
 
 
 def train(
@@ -232,8 +262,11 @@ def train(
     tokenizer_source = model_args.tokenizer or model_args.model
     if tokenizer_source is None:
         raise TrainingSetupError("--init_config needs --tokenizer (a tokenizer directory or Hub id)")
+    check_output_dir(Path(training_args.output_dir), model_args.model)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=True)
-    train_blocks, validation_blocks = tokenize_into_blocks(load_text_dataset(data_args), tokenizer, data_args, training_args)
+    train_blocks, validation_blocks = tokenize_into_blocks(
+        load_text_dataset(data_args), tokenizer, data_args, training_args
+    )
     model = load_model(model_args, tokenizer)
     trainer = AttnResTrainer(
         model=model,
@@ -244,6 +277,12 @@ def train(
         processing_class=tokenizer,
         attn_res_learning_rate=model_args.attn_res_learning_rate,
     )
+    if training_args.fsdp and not trainer.is_fsdp_enabled:
+        raise TrainingSetupError(
+            f"--fsdp was given, but Trainer would train with {trainer.accelerator.state.distributed_type.value} "
+            "instead (transformers and accelerate run FSDP only on accelerators, and fall back to DDP on CPUs); "
+            "launch on GPUs with torchrun or accelerate, or drop --fsdp"
+        )
     metrics: dict = {"trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     if validation_blocks is not None:
         # Trainer's own step-0 evaluation. (Calling trainer.evaluate() before train() would be simpler, but in
@@ -259,6 +298,13 @@ def train(
     save_final(trainer, model_args, training_args)
     trainer.log_metrics("attnres", metrics)
     return trainer, metrics
+
+
+def check_output_dir(output_dir: Path, model: str | None) -> None:
+    if output_dir.exists() and not output_dir.is_dir():
+        raise TrainingSetupError(f"--output_dir {output_dir} exists and is not a directory")
+    if model is not None and Path(model).exists() and output_dir.resolve() == Path(model).resolve():
+        raise TrainingSetupError(f"--output_dir {output_dir} is --model: training would overwrite it; choose another")
 
 
 def save_final(trainer: Trainer, model_args: ModelArguments, training_args: TrainingArguments) -> None:

@@ -1,0 +1,44 @@
+"""What the distributed tests train, in one place: the same initial model, global batches and optimizer steps for a
+torchrun world and for the single process it is compared with."""
+
+from collections.abc import Callable
+
+import torch
+
+from attnres import AttnResForCausalLM
+from tests.tiny_models import randomize_, tiny_config
+
+
+STEPS, GLOBAL_BATCH, SEQ = 4, 8, 16
+PROBE = torch.randint(3, 99, (2, SEQ), generator=torch.Generator().manual_seed(123))
+
+
+def make_model(mode: str, checkpointing: bool) -> AttnResForCausalLM:
+    """The same model on every rank: fixed random weights, non-zero pseudo-queries."""
+    model = randomize_(AttnResForCausalLM(tiny_config(mode)), seed=0, query_std=0.3)
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
+def global_batches() -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(7)
+    motifs = torch.randint(3, 99, (STEPS, GLOBAL_BATCH, 4), generator=generator)
+    return list(motifs.repeat(1, 1, SEQ // 4))  # learnable: each sequence repeats a motif
+
+
+def run_steps(
+    model: torch.nn.Module, local: Callable[[torch.Tensor], torch.Tensor], mean: Callable[[torch.Tensor], float]
+) -> list[float]:
+    """AdamW steps on `local(batch)` of each global batch; returns `mean(loss)` of every step (the global batch's
+    loss: ranks hold equal shares of equal-length sequences)."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for batch in global_batches():
+        part = local(batch)
+        loss = model(part, labels=part).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(mean(loss))
+    return losses
