@@ -2,18 +2,24 @@
 
 import hashlib
 import json
+import signal
+import stat
+import subprocess
+import sys
 
 import pytest
 import torch
 from huggingface_hub import ModelCard
 from safetensors import safe_open
-from transformers import AutoTokenizer, OPTConfig, OPTForCausalLM
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
+from attnres import AttnResForCausalLM
 from attnres.cli import main
 from attnres.convert import graft, verify_graft
+from attnres.paths import STAGING_MARKER, process_identity
 from tests.conftest import assert_close
 from tests.test_remote_code import load_as_remote_code
-from tests.tiny_models import FAMILIES, family_pair, tiny_tokenizer
+from tests.tiny_models import FAMILIES, family_pair, tiny_config, tiny_tokenizer
 
 
 CASES = [(family, tied) for family in FAMILIES if family != "llama3-rope-tied" for tied in (False, True)]
@@ -206,8 +212,76 @@ def _wrong_config(src):
     (src / "config.json").write_text(json.dumps(config))
 
 
+def _edit_config(**changes):
+    def edit(src):
+        config = json.loads((src / "config.json").read_text())
+        config.update(changes)
+        (src / "config.json").write_text(json.dumps(config))
+
+    return edit
+
+
+def _write_config(text: str):
+    def write(src):
+        (src / "config.json").write_text(text)
+
+    return write
+
+
+def _shard_with_index(weight_map):
+    """The weights as a one-shard sharded checkpoint whose index maps the tensors with `weight_map(names)`."""
+
+    def shard(src):
+        from safetensors import safe_open
+
+        (src / "model.safetensors").rename(src / "model-00001-of-00001.safetensors")
+        with safe_open(src / "model-00001-of-00001.safetensors", "pt") as reader:
+            names = list(reader.keys())
+        index = {"metadata": {}, "weight_map": weight_map(names)}
+        (src / "model.safetensors.index.json").write_text(json.dumps(index))
+
+    return shard
+
+
+def _pickled_garbage(src):
+    (src / "model.safetensors").unlink()
+    (src / "pytorch_model.bin").write_bytes(b"PK\x03\x04 not a torch file at all")
+
+
+def _claim_many_layers(src):
+    config = json.loads((src / "config.json").read_text())
+    config["num_hidden_layers"] = 100_000
+    (src / "config.json").write_text(json.dumps(config))
+
+
 BAD_SOURCES = {
     "missing config": (_drop_config, [], "has no config.json"),
+    "config is a list": (_write_config("[]"), [], "must hold a JSON object (a transformers config), not list"),
+    "config is null": (_write_config("null"), [], "must hold a JSON object (a transformers config), not NoneType"),
+    "config not JSON": (_write_config("{model_type: llama"), [], "is not valid JSON"),
+    "model_type a list": (_edit_config(model_type=["llama"]), [], """onto model_type "['llama']": its architecture"""),
+    "hidden_size a string": (_edit_config(hidden_size="64"), [], "hidden_size must be a positive integer, got '64'"),
+    "zero heads": (_edit_config(num_attention_heads=0), [], "num_attention_heads must be a positive integer, got 0"),
+    "unknown rope_type": (_edit_config(rope_scaling={"rope_type": "spiral", "factor": 2.0}), [], "rope"),
+    "unknown hidden_act": (_edit_config(hidden_act="wiggle"), [], "hidden_act 'wiggle' is not an activation"),
+    "absurd depth": (_claim_many_layers, [], "declares num_hidden_layers=100000 but the weights hold layers 0-4"),
+    "index is a list": (_shard_with_index(lambda names: [[n, "x"] for n in names]), [], "'weight_map' must map"),
+    "index values not strings": (
+        _shard_with_index(lambda names: dict.fromkeys(names, 1)),
+        [],
+        "'weight_map' must map",
+    ),
+    "index leaves SRC": (
+        _shard_with_index(lambda names: dict.fromkeys(names, "../other/model.safetensors")),
+        [],
+        "outside SRC; an index may only name files beside it",
+    ),
+    "index absolute path": (
+        _shard_with_index(lambda names: dict.fromkeys(names, "/etc/passwd")),
+        [],
+        "outside SRC",
+    ),
+    "garbage pickle": (_pickled_garbage, ["--allow-pickle"], "is not a readable PyTorch weights file"),
     "truncated safetensors": (_truncate_weights, [], "not a valid safetensors file (corrupt or truncated?)"),
     "corrupt safetensors": (_garble_weights, [], "not a valid safetensors file"),
     "tensor missing": (_remove_a_tensor, [], "lacks 1 tensor(s) the model needs"),
@@ -273,10 +347,105 @@ def test_block_and_size_flags_are_exclusive(tmp_path):
     assert exit_info.value.code == 2
 
 
-def test_unreadable_gguf_is_a_clear_error(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "body", [b"\0" * 64, b"\x03\x00\x00\x00" + b"\xff" * 60], ids=["zeros", "valid magic and version, bad body"]
+)
+def test_unreadable_gguf_is_a_clear_error(tmp_path, capsys, body):
     source = tmp_path / "model.gguf"
-    source.write_bytes(b"GGUF" + b"\0" * 64)
-    assert main(["convert", str(source), str(tmp_path / "dst")]) == 1
-    error = capsys.readouterr().err.strip()
-    assert error.startswith("attnres: error:") and "model.gguf" in error
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
+    source.write_bytes(b"GGUF" + body)
+    assert main(["convert", str(source), str(tmp_path / "missing" / "parent" / "dst")]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("attnres: error: cannot read model.gguf") and error.count("\n") == 1, error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]  # not even the parents it created
+
+
+# --- where the output goes -------------------------------------------------------------------------------------------
+
+
+def leftovers(directory) -> list[str]:
+    """Staging, backup or dequantization directories left next to an output."""
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_a_destination_that_is_a_symlink_is_followed(tmp_path, force):
+    make_source(tmp_path / "src")
+    target = tmp_path / "elsewhere" / "graft"
+    target.mkdir(parents=True)
+    if force:
+        (target / "old.txt").write_text("replaced")
+    (tmp_path / "link").symlink_to(target)
+    arguments = ["convert", str(tmp_path / "src"), str(tmp_path / "link"), "--no-progress"]
+    assert main(arguments + (["--force"] if force else [])) == 0
+    assert (tmp_path / "link").is_symlink() and (tmp_path / "link").resolve() == target.resolve()
+    assert (target / "config.json").is_file() and not (target / "old.txt").exists()
+    assert leftovers(tmp_path) == [] and leftovers(tmp_path / "elsewhere") == []
+
+
+def test_outputs_have_the_permissions_save_pretrained_gives(tmp_path):
+    make_source(tmp_path / "src")
+    graft(tmp_path / "src", tmp_path / "dst", progress=False)
+    reference = tmp_path / "reference"
+    AttnResForCausalLM(tiny_config()).save_pretrained(reference)
+    assert stat.S_IMODE((tmp_path / "dst").stat().st_mode) == stat.S_IMODE(reference.stat().st_mode)
+
+
+@pytest.mark.parametrize("destination", [".", ".."], ids=["working directory", "its parent"])
+def test_the_working_directory_and_its_parents_are_refused(tmp_path, monkeypatch, capsys, destination):
+    make_source(tmp_path / "src")
+    work = tmp_path / "projects" / "work"
+    work.mkdir(parents=True)
+    (work / "mine.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    assert main(["convert", str(tmp_path / "src"), destination, "--force"]) == 1
+    assert "is the working directory or one of its parents" in capsys.readouterr().err
+    assert (work / "mine.txt").read_text() == "mine"
+
+
+def test_staging_directories_of_dead_processes_are_removed(tmp_path):
+    """SIGKILL leaves a staging directory behind; the next run for the same destination removes it, and only it: not
+    one whose process still runs, nor a directory without the marker."""
+    make_source(tmp_path / "src")
+    identify = "import json; from attnres.paths import process_identity; print(json.dumps(process_identity()))"
+    finished = subprocess.run([sys.executable, "-c", identify], capture_output=True, text=True)  # then it is gone
+    stale, alive, unmarked = (tmp_path / f".dst.attnres-staging-{name}" for name in ("stale", "alive", "unmarked"))
+    for directory, owner in ((stale, json.loads(finished.stdout)), (alive, process_identity())):
+        directory.mkdir()
+        (directory / STAGING_MARKER).write_text(json.dumps(owner))
+    unmarked.mkdir()
+    graft(tmp_path / "src", tmp_path / "dst", progress=False)
+    assert not stale.exists() and alive.exists() and unmarked.exists()
+
+
+TERMINATE_WHEN_STAGING = """
+import os, signal, sys, threading, time
+from pathlib import Path
+from attnres.cli import main
+
+source, destination = Path(sys.argv[1]), Path(sys.argv[2])
+
+def terminate_once_staging():
+    while not list(destination.parent.glob(f".{destination.name}.attnres-staging-*")):
+        time.sleep(0.001)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+threading.Thread(target=terminate_once_staging, daemon=True).start()
+sys.exit(main(["convert", str(source), str(destination), "--dtype", "float16", "--no-progress"]))
+"""
+
+
+def test_sigterm_mid_conversion_cleans_up_without_a_traceback(tmp_path):
+    # big enough (random weights, vocabulary 32,000) that the conversion is still running when the signal arrives
+    config = LlamaConfig(vocab_size=32000, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                         num_attention_heads=4)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "src")
+    (tmp_path / "out").mkdir()
+    result = subprocess.run(
+        [sys.executable, "-c", TERMINATE_WHEN_STAGING, str(tmp_path / "src"), str(tmp_path / "out" / "dst")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == "attnres: terminated" and "Traceback" not in result.stderr
+    assert list((tmp_path / "out").iterdir()) == []

@@ -3,6 +3,7 @@ and the transformers Llama it came from are the same function, so its measuremen
 
 import json
 
+import pytest
 import torch
 from PIL import Image
 
@@ -62,3 +63,29 @@ def test_inspect_text_writes_plots_and_tables(tmp_path, capsys):
     assert (
         main(["inspect", str(attnres), "--text", str(tmp_path / "missing.txt"), "--output", str(tmp_path / "x")]) == 1
     )
+
+
+@pytest.mark.parametrize(
+    "text, extra, message",
+    [
+        ("", [], "has 0 token(s); the measurement needs at least two"),
+        ("import json", ["--max-tokens", "0"], "--max-tokens must be a positive number of tokens, got 0"),
+        ("import json", ["--max-tokens", "-1"], "--max-tokens must be a positive number of tokens, got -1"),
+        (None, [], "is not a file"),
+        ("import json", ["--output", "{tmp}/taken"], "exists and is not empty"),
+    ],
+    ids=["empty text", "max tokens 0", "max tokens -1", "missing text", "output taken"],
+)
+def test_inspect_text_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys, text, extra, message):
+    baseline, attnres = write_model_pair(tmp_path)
+    if text is not None:
+        (tmp_path / "text.txt").write_text(text)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "mine.txt").write_text("mine")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    arguments = ["inspect", str(attnres), "--text", str(tmp_path / "text.txt"), "--output", str(tmp_path / "diag")]
+    capsys.readouterr()
+    assert main(arguments + [item.format(tmp=tmp_path) for item in extra]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("attnres: error: ") and message in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before

@@ -206,19 +206,49 @@ def test_pretrain_from_scratch(graft_and_text, tmp_path):
     assert rc == 0 and (tmp_path / "out" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize(
-    "change, message",
-    [
-        (["--dataset", "/no/such/corpus.jsonl"], "does not exist"),
-        (["--text_column", "content"], "has no column 'content' (columns: text)"),
-        (["--model", "{baseline}"], "is a 'llama' model, not AttnRes: graft it first"),
-    ],
-)
-def test_train_bad_input(graft_and_text, tmp_path, capsys, change, message):
-    change = [item.format(baseline=graft_and_text[1]) for item in change]
-    assert run_train(graft_and_text, tmp_path / "out", *change) == 1
-    error = capsys.readouterr().err.strip().splitlines()[-1]
-    assert error.startswith("attnres train: error:") and message in error
+def _data(tmp_path, name: str, content: bytes) -> str:
+    (tmp_path / name).write_bytes(content)
+    return str(tmp_path / name)
+
+
+def _rows(tmp_path, rows: list) -> str:
+    return _data(tmp_path, "rows.jsonl", "".join(json.dumps(row) + "\n" for row in rows).encode())
+
+
+BAD_TRAINING_INPUT = {
+    "missing dataset": (lambda tmp, root: ["--dataset", "/no/such/corpus.jsonl"], "does not exist"),
+    "relative path taken for a Hub id": (lambda tmp, root: ["--dataset", "data/nope.jsonl"], "does not exist"),
+    "empty file": (lambda tmp, root: ["--dataset", _data(tmp, "empty.jsonl", b"")], "empty (0 bytes)"),
+    "binary file": (lambda tmp, root: ["--dataset", _data(tmp, "bin.jsonl", bytes(range(256)) * 8)], "cannot be read"),
+    "null texts": (lambda tmp, root: ["--dataset", _rows(tmp, [{"text": "a b"}, {"text": None}])], "have no 'text'"),
+    "numbers for text": (lambda tmp, root: ["--dataset", _rows(tmp, [{"text": 1}, {"text": 2}])], "not text"),
+    "no such column": (lambda tmp, root: ["--text_column", "content"], "has no column 'content' (columns: text)"),
+    "not an AttnRes model": (lambda tmp, root: ["--model", str(root[1])], "is a 'llama' model, not AttnRes"),
+    "block size 0": (lambda tmp, root: ["--block_size", "0"], "--block_size must be at least 2 tokens, got 0"),
+    "max blocks 0": (lambda tmp, root: ["--max_blocks", "0"], "--max_blocks must be a positive number"),
+    "validation fraction 1.5": (lambda tmp, root: ["--validation_fraction", "1.5"], "must lie in [0, 1), got 1.5"),
+    "negative validation fraction": (lambda tmp, root: ["--validation_fraction", "-0.1"], "got -0.1"),
+    "output dir is a file": (
+        lambda tmp, root: ["--output_dir", _data(tmp, "a-file", b"mine")],
+        "exists and is not a directory",
+    ),
+    "output dir is the model": (
+        lambda tmp, root: ["--output_dir", str(root[2])],
+        "is --model: training would overwrite",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_TRAINING_INPUT))
+def test_train_bad_input_is_one_line_and_leaves_nothing(graft_and_text, tmp_path, capsys, case):
+    make_arguments, message = BAD_TRAINING_INPUT[case]
+    (tmp_path / "in").mkdir()
+    before = sorted(graft_and_text[2].iterdir())
+    assert run_train(graft_and_text, tmp_path / "out", *make_arguments(tmp_path / "in", graft_and_text)) == 1
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("attnres train: error:") and message in err, err[-2000:]
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists() and sorted(graft_and_text[2].iterdir()) == before
 
 
 def test_ddp_two_processes_on_cpu_keep_replicas_identical(graft_and_text, tmp_path):

@@ -72,6 +72,8 @@ CARRIED_PATTERNS = ("LICENSE*", "NOTICE*", "USE_POLICY*")
 # Buffers some old Llama checkpoints saved although they are recomputed from the config: dropped, never an error.
 DROPPABLE_SUFFIXES = (".rotary_emb.inv_freq",)
 COPY_CHUNK_BYTES = 256 * 2**20
+SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+               "num_key_value_heads", "head_dim")  # fmt: skip
 LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
 VERIFY_TEXT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    if n < 2:\n        return n\n'
 
@@ -203,9 +205,13 @@ def read_source_config(source_dir: Path):
     model_type = raw.get("model_type")
     if not isinstance(model_type, str) or model_type not in SUPPORTED_FAMILIES:
         raise ConversionError(unsupported_message(model_type if isinstance(model_type, str) else repr(model_type)))
+    for name in SIZE_FIELDS:  # checked here: transformers' own checks fail on them with ZeroDivisionError and the like
+        value = raw.get(name)
+        if value is not None and (type(value) is not int or value < 1):
+            raise ConversionError(f"{config_file}: {name} must be a positive integer, got {value!r}")
     try:
         return AutoConfig.from_pretrained(source_dir)
-    except (StrictDataclassError, ValueError, TypeError, KeyError) as error:  # transformers' own config validation
+    except (StrictDataclassError, ValueError, TypeError, KeyError, ArithmeticError) as error:  # transformers' checks
         raise ConversionError(f"{config_file} is not a valid {model_type} config: {one_line(error)}") from None
 
 

@@ -263,6 +263,8 @@ def train(
     if tokenizer_source is None:
         raise TrainingSetupError("--init_config needs --tokenizer (a tokenizer directory or Hub id)")
     check_output_dir(Path(training_args.output_dir), model_args.model)
+    if training_args.fsdp and (training_args.use_cpu or not torch.accelerator.is_available()):
+        raise TrainingSetupError(fsdp_unavailable("the CPU"))
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=True)
     train_blocks, validation_blocks = tokenize_into_blocks(
         load_text_dataset(data_args), tokenizer, data_args, training_args
@@ -278,11 +280,7 @@ def train(
         attn_res_learning_rate=model_args.attn_res_learning_rate,
     )
     if training_args.fsdp and not trainer.is_fsdp_enabled:
-        raise TrainingSetupError(
-            f"--fsdp was given, but Trainer would train with {trainer.accelerator.state.distributed_type.value} "
-            "instead (transformers and accelerate run FSDP only on accelerators, and fall back to DDP on CPUs); "
-            "launch on GPUs with torchrun or accelerate, or drop --fsdp"
-        )
+        raise TrainingSetupError(fsdp_unavailable(trainer.accelerator.state.distributed_type.value))
     metrics: dict = {"trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     if validation_blocks is not None:
         # Trainer's own step-0 evaluation. (Calling trainer.evaluate() before train() would be simpler, but in
@@ -298,6 +296,14 @@ def train(
     save_final(trainer, model_args, training_args)
     trainer.log_metrics("attnres", metrics)
     return trainer, metrics
+
+
+def fsdp_unavailable(instead: str) -> str:
+    return (
+        f"--fsdp was given, but Trainer would train on {instead} without it (transformers and accelerate run FSDP "
+        "only on accelerators, and fall back to DDP on CPUs); launch on GPUs with torchrun or accelerate, or drop "
+        "--fsdp"
+    )
 
 
 def check_output_dir(output_dir: Path, model: str | None) -> None:
