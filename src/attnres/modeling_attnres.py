@@ -569,12 +569,11 @@ class AttnResAggregation(nn.Module):
         return implementation.merge(read, partial_sum, self.config.rms_norm_eps, return_weights)
 
 
-def holds_full_parameters(module: nn.Module) -> bool:
-    """Whether `module`'s parameters are plain tensors holding their whole value right now. Engines that shard or
-    offload a module (FSDP's DTensors and flat parameters, DeepSpeed ZeRO-3's empty placeholders, accelerate's
-    meta-device offload) materialize them only inside the forward of the module they wrap."""
-    parameters = list(module.parameters())
-    return bool(parameters) and all(type(p) is nn.Parameter and not p.is_meta and p.numel() > 0 for p in parameters)
+def holds_full_parameters(module: nn.Module, device: torch.device) -> bool:
+    """Whether `module`'s parameters are plain tensors on `device` that hold their whole value right now. Engines that
+    shard or offload a module (FSDP's DTensors, DeepSpeed ZeRO-3's empty placeholders, accelerate's meta-device
+    offload) materialize them only inside the forward of the module they wrap."""
+    return all(type(p) is nn.Parameter and p.device == device and p.numel() > 0 for p in module.parameters())
 
 
 class AttnResDecoderLayer(GradientCheckpointingLayer):
@@ -871,15 +870,7 @@ class AttnResModel(AttnResPreTrainedModel):
         own_reads = [None] * len(block)
         if len(block) == 1 or (self.gradient_checkpointing and self.training):
             return own_reads
-        depth_parameters = [
-            module
-            for layer in block
-            for module in layer.children()
-            if isinstance(module, (AttnResPseudoQuery, AttnResKeyNorm))
-        ]
-        if not all(
-            holds_full_parameters(module) and module.weight.device == sources.device for module in depth_parameters
-        ):
+        if not all(holds_full_parameters(layer, sources.device) for layer in block):
             return own_reads
         queries, key_weights = zip(*(layer.depth_queries() for layer in block))
         implementation = ATTN_RES_IMPLEMENTATIONS[self.config.attn_res_implementation]
