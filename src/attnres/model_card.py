@@ -69,8 +69,9 @@ def render_model_card(
 
 
 def fill_results(card_text: str, rows: list, table: str, settings: list[str], model_name: str) -> str:
-    """The card with its results section replaced by `table` and its `model-index` metadata set to the AttnRes
-    scores (what the Hub shows in the evaluation widget)."""
+    """The card with its results section replaced by `table`, a sentence per headline metric on the paired comparison
+    with the baseline, and `settings`, and its `model-index` metadata set to the AttnRes scores (what the Hub shows in
+    the evaluation widget)."""
     from huggingface_hub import EvalResult
 
     from .eval_tasks import SUITE
@@ -88,6 +89,7 @@ def fill_results(card_text: str, rows: list, table: str, settings: list[str], mo
             dataset_type=SUITE[row.task].hub_dataset,
             dataset_name=row.task,
             metric_type=row.metric.split(" (")[0],
+            metric_name=row.metric,
             metric_value=round(row.attnres, 4),
         )
         for row in rows
@@ -95,5 +97,28 @@ def fill_results(card_text: str, rows: list, table: str, settings: list[str], mo
     text = str(card)
     before, rest = text.split(RESULTS_START, 1)
     _, after = rest.split(RESULTS_END, 1)
-    section = "\n".join(["", table, "", *settings, ""])
+    section = "\n".join(["", table, "", *paired_summary(rows), *settings, ""])
     return f"{before}{RESULTS_START}\n{section}\n{RESULTS_END}{after}"
+
+
+def paired_summary(rows: list) -> list[str]:
+    """One line per headline metric: the difference to the baseline with its paired interval and, for right/wrong
+    scores, the flips and McNemar's p, so a reader of the card sees whether the difference is more than noise."""
+    from .eval_tasks import is_primary_metric
+    from .paired_stats import CONFIDENCE
+
+    lines = []
+    for row in rows:
+        paired = row.paired
+        if paired is None or not is_primary_metric(row.task, row.metric):
+            continue
+        line = (
+            f"- {row.task} {row.metric}: AttnRes - baseline = {row.delta:+.4f}, {CONFIDENCE:.0%} CI "
+            f"[{paired.ci_low:+.4f}, {paired.ci_high:+.4f}] over {paired.items:,} paired documents"
+        )
+        if paired.mcnemar_p is not None:
+            line += (
+                f"; {paired.right_to_wrong} lost, {paired.wrong_to_right} gained (McNemar p = {paired.mcnemar_p:.3g})"
+            )
+        lines.append(line)
+    return [*lines, ""] if lines else []
