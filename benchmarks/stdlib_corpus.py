@@ -24,3 +24,11 @@ def token_blocks(texts: list[str], tokenizer, block_size: int, limit: int | None
     args = TrainingArguments(output_dir=str(work), report_to="none")
     blocks, _ = tokenize_into_blocks(datasets.Dataset.from_dict({"text": texts}), tokenizer, data, args)
     return blocks
+
+
+def spread(blocks, count: int):
+    """`count` blocks evenly spaced over `blocks` (all of them if there are fewer), so that a small sample covers the
+    whole corpus rather than its first files."""
+    if count >= len(blocks):
+        return blocks
+    return blocks.select([index * len(blocks) // count for index in range(count)])

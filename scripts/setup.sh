@@ -21,4 +21,4 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 pip=("$venv/bin/python" -m pip install --quiet --disable-pip-version-check)
 "${pip[@]}" "$torch"
-"${pip[@]}" "${constraints[@]}" -e ".${extras:+[$extras]}"
+"${pip[@]}" ${constraints[@]+"${constraints[@]}"} -e ".${extras:+[$extras]}"

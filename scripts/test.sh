@@ -10,7 +10,7 @@ if [ "${1:-}" = "--lowest" ]; then
     lowest=(--lowest)
     venv=.venv-lowest
 fi
-scripts/setup.sh "${lowest[@]}" dev
+scripts/setup.sh ${lowest[@]+"${lowest[@]}"} dev
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 HF_HOME="$(mktemp -d)"
 export HF_HOME

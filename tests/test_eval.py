@@ -2,6 +2,7 @@
 report with its paired statistics, and bad input."""
 
 import json
+import os
 import re
 import shutil
 import sqlite3
@@ -164,6 +165,27 @@ def test_responses_are_cached_for_resuming(report, workspace):
         with sqlite3.connect(database) as connection:
             tables = [name for (name,) in connection.execute("select name from sqlite_master where type='table'")]
             assert sum(connection.execute(f"select count(*) from {t}").fetchone()[0] for t in tables) > 0
+
+
+def test_cached_responses_are_not_reused_for_changed_weights_or_code(workspace, tmp_path):
+    """The response cache is keyed by the model's fingerprint: new weights or new remote code (a re-graft with a
+    fixed `modeling_attnres.py` keeps every weight) must not be answered from the old model's responses."""
+    from attnres.evaluation import model_fingerprint
+
+    directory = Path(shutil.copytree(workspace[2], tmp_path / "attnres"))
+    model = str(directory)
+    fingerprint = model_fingerprint(model, "float32")
+    assert model_fingerprint(model, "float32") == fingerprint
+    assert model_fingerprint(model, "bfloat16") != fingerprint
+    code = directory / "modeling_attnres.py"
+    original = code.read_text()
+    code.write_text(original + "\n# changed\n")
+    assert model_fingerprint(model, "float32") != fingerprint
+    code.write_text(original)
+    assert model_fingerprint(model, "float32") == fingerprint
+    weights = next(directory.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))
+    assert model_fingerprint(model, "float32") != fingerprint
 
 
 def test_mbpp_is_lm_evals_config_with_the_local_metric():

@@ -66,12 +66,15 @@ def resolve_model(name: str, flag: str) -> str:
 
 
 def model_fingerprint(model: str, dtype: str) -> str:
-    """Identifies a model's weights for the response cache: a changed checkpoint must not reuse old answers."""
+    """Identifies a model for the response cache: a changed checkpoint, or changed remote code, must not reuse old
+    answers. Weights are identified by size and modification time, configs and code (small) by their content."""
     digest = hashlib.sha256(f"{model}|{dtype}".encode())
     path = Path(model)
     if path.is_dir():
         for name in sorted(os.listdir(path)):
-            if name.endswith((".json", ".safetensors", ".bin", ".gguf")):
+            if name.endswith((".json", ".py")):
+                digest.update(name.encode() + b"|" + (path / name).read_bytes())
+            elif name.endswith((".safetensors", ".bin", ".gguf")):
                 stat = (path / name).stat()
                 digest.update(f"{name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
     return digest.hexdigest()[:16]
