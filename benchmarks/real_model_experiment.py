@@ -83,10 +83,17 @@ def step0(args, plain: Path, grafted: Path, held_out, held_out_texts) -> dict:
     return report
 
 
-def evaluate(args, model: Path, baseline: Path, limits: dict[str, int | None], name: str) -> dict:
-    """One `attnres eval` report per task (each with its own size); returns their comparison rows and timings."""
-    results = {}
+# Multiple-choice tasks score a log-softmax over the whole vocabulary for every prompt token: at batch 8, 5-shot MMLU
+# prompts (up to ~2,000 tokens) and Qwen's 151,936-token vocabulary take 10 GB per fp32 copy, more than a 24 GB machine
+# holds. They run at --multiple-choice-batch-size.
+MULTIPLE_CHOICE = {"mmlu", "gpqa_diamond"}
+
+
+def evaluate(args, model: Path, baseline: Path, limits: dict[str, int | None], name: str, into: dict, save) -> None:
+    """One `attnres eval` report per task (each with its own size), added to `into` and saved as each one ends, so that
+    a run that stops keeps the tasks it finished (and a later run can add tasks)."""
     for task, limit in limits.items():
+        batch_size = args.multiple_choice_batch_size if task in MULTIPLE_CHOICE else args.eval_batch_size
         start = time.perf_counter()
         report = run_eval(
             model=str(model),
@@ -96,7 +103,7 @@ def evaluate(args, model: Path, baseline: Path, limits: dict[str, int | None], n
             output=args.work / name / task,
             data_dir=args.data_dir,
             limit=limit,
-            batch_size=str(args.eval_batch_size),
+            batch_size=str(batch_size),
             dtype="float32",
             max_gen_toks=args.max_gen_toks,
             cache_dir=args.work / "cache",
@@ -104,9 +111,35 @@ def evaluate(args, model: Path, baseline: Path, limits: dict[str, int | None], n
             force=True,
         )
         seconds = time.perf_counter() - start
-        results[task] = {"limit": limit, "seconds": seconds, "comparison": report["comparison"]}
+        into[task] = {
+            "limit": limit,
+            "batch_size": batch_size,
+            "seconds": seconds,
+            "comparison": report["comparison"],
+            "identical_answers": identical_answers(args.work / name / task),
+        }
+        save()
         print(f"{name} {task} (limit {limit}): {seconds:.0f} s; {report['table']}")
-    return results
+
+
+def answer(responses: list):
+    """What a model answered: its generated text, or for a multiple-choice item the choice it scores highest (the
+    loglikelihoods themselves differ between source and graft by fp32 rounding)."""
+    if isinstance(responses[0][0], list):  # one [loglikelihood, is_greedy] per choice
+        scores = [float(choice[0][0]) for choice in responses]
+        return scores.index(max(scores))
+    return responses
+
+
+def identical_answers(report: Path) -> list[int]:
+    """[documents both models answered identically, documents], from the report's sample files."""
+
+    def answers(name: str) -> dict:
+        records = [json.loads(line) for line in (report / f"samples-{name}.jsonl").read_text().splitlines()]
+        return {(r["task"], r["doc_id"], r["filter"]): answer(r["resps"]) for r in records}
+
+    baseline, attnres = answers("baseline"), answers("attnres")
+    return [sum(baseline[key] == attnres.get(key) for key in baseline), len(baseline)]
 
 
 def heal(args, plain: Path, grafted: Path, train_blocks, held_out, seed: int) -> dict:
@@ -191,8 +224,10 @@ def main(args) -> None:
         print(f"step 0: {results['step0']}")
         save("step0")
     if "eval" in stages:
-        results["eval"] = evaluate(args, grafted, plain, parse_limits(args.eval_limits), "eval-step0")
-        save("eval")
+        evaluate(
+            args, grafted, plain, parse_limits(args.eval_limits), "eval-step0", results.setdefault("eval", {}),
+            lambda: save("eval"),
+        )  # fmt: skip
     if "heal" in stages:
         earlier = results.get("settings", {}).get("heal", {})
         if any(earlier.get(key) != settings[key] for key in HEALING_SETTINGS):
@@ -208,9 +243,11 @@ def main(args) -> None:
     if "eval-healed" in stages:
         seed = args.seeds[0]
         healed = [args.work / f"healed-{variant}-{seed}" for variant in ("attnres", "control")]
-        results["eval_healed"] = evaluate(args, *healed, parse_limits(args.healed_eval_limits), "eval-healed")
         results["eval_healed_seed"] = seed
-        save("eval-healed")
+        evaluate(
+            args, *healed, parse_limits(args.healed_eval_limits), "eval-healed", results.setdefault("eval_healed", {}),
+            lambda: save("eval-healed"),
+        )  # fmt: skip
     write_report(args, results)
 
 
@@ -255,8 +292,9 @@ def plot_healing(healing: dict, path: Path, title: str) -> None:
 
 def comparison_lines(evaluation: dict) -> list[str]:
     lines = [
-        "| task | documents | metric | baseline | AttnRes | Δ (95% paired CI) | flips lost / gained | McNemar p | s |",
-        "|---|---:|---|---:|---:|---|---:|---:|---:|",
+        "| task | documents | metric | baseline | AttnRes | Δ (95% paired CI) | flips lost / gained | McNemar p | "
+        "identical answers | s |",
+        "|---|---:|---|---:|---:|---|---:|---:|---:|---:|",
     ]
     for task, entry in evaluation.items():
         for row in entry["comparison"]:
@@ -268,9 +306,10 @@ def comparison_lines(evaluation: dict) -> list[str]:
                 else "–"
             )
             p_value = f"{paired['mcnemar_p']:.3g}" if paired.get("mcnemar_p") is not None else "–"
+            same = "{} of {}".format(*entry["identical_answers"])
             lines.append(
                 f"| {task} | {row['samples'] or '–'} | {row['metric']} | {row['baseline']:.4f} | "
-                f"{row['attnres']:.4f} | {row['delta']:+.4f} {interval} | {flips} | {p_value} | "
+                f"{row['attnres']:.4f} | {row['delta']:+.4f} {interval} | {flips} | {p_value} | {same} | "
                 f"{entry['seconds']:.0f} |"
             )
     return lines
@@ -337,6 +376,7 @@ if __name__ == "__main__":
     parser.add_argument("--eval-limits", default="humaneval=all,mbpp=50,gsm8k=30,minerva_math=5,mmlu=1")
     parser.add_argument("--healed-eval-limits", default="humaneval=all,mbpp=50")
     parser.add_argument("--eval-batch-size", type=int, default=8)
+    parser.add_argument("--multiple-choice-batch-size", type=int, default=1)
     parser.add_argument("--max-gen-toks", type=int, default=256)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
