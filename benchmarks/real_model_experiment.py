@@ -277,11 +277,11 @@ def plot_healing(healing: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(5.5, 3.5), layout="constrained")
-    for seed, runs in healing.items():
+    for (seed, runs), style in zip(healing.items(), ("-", "--", ":", "-.") * len(healing)):
         for variant, color in (("control", "gray"), ("attnres", "C1")):
             steps, losses = zip(*runs[variant]["curve"])
             label = {"control": "LoRA (control)", "attnres": "AttnRes + LoRA"}[variant]
-            axis.plot(steps, losses, color=color, marker="o", markersize=3, label=f"{label}, seed {seed}", alpha=0.8)
+            axis.plot(steps, losses, style, color=color, marker="o", markersize=3, label=f"{label}, seed {seed}")
     axis.set_xlabel("step")
     axis.set_ylabel("held-out loss")
     axis.set_title(title, fontsize=9)

