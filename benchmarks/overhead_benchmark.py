@@ -171,7 +171,7 @@ def train_step(models, args, batch: int, seq: int, checkpointing: bool) -> dict:
     for model in models.values():
         model.train()
         if checkpointing:
-            model.gradient_checkpointing_enable()  # the name every supported transformers knows
+            checkpointing_switch(model, "enable")()
 
     def run(model):
         model.zero_grad(set_to_none=True)
@@ -188,8 +188,16 @@ def train_step(models, args, batch: int, seq: int, checkpointing: bool) -> dict:
     for model in models.values():
         model.eval()
         if checkpointing:
-            model.gradient_checkpointing_disable()
+            checkpointing_switch(model, "disable")()
     return result
+
+
+def checkpointing_switch(model, action: str):
+    """`activation_checkpointing_{action}`, transformers 5.23's name (AttnRes models have it on every release), else
+    the `gradient_checkpointing_{action}` that Llama has before 5.23 (deprecated from 5.23 on)."""
+    return getattr(model, f"activation_checkpointing_{action}", None) or getattr(
+        model, f"gradient_checkpointing_{action}"
+    )
 
 
 def main() -> None:

@@ -111,35 +111,9 @@ def evaluate(args, model: Path, baseline: Path, limits: dict[str, int | None], n
             force=True,
         )
         seconds = time.perf_counter() - start
-        into[task] = {
-            "limit": limit,
-            "batch_size": batch_size,
-            "seconds": seconds,
-            "comparison": report["comparison"],
-            "identical_answers": identical_answers(args.work / name / task),
-        }
+        into[task] = {"limit": limit, "batch_size": batch_size, "seconds": seconds, "comparison": report["comparison"]}
         save()
         print(f"{name} {task} (limit {limit}): {seconds:.0f} s; {report['table']}")
-
-
-def answer(responses: list):
-    """What a model answered: its generated text, or for a multiple-choice item the choice it scores highest (the
-    loglikelihoods themselves differ between source and graft by fp32 rounding)."""
-    if isinstance(responses[0][0], list):  # one [loglikelihood, is_greedy] per choice
-        scores = [float(choice[0][0]) for choice in responses]
-        return scores.index(max(scores))
-    return responses
-
-
-def identical_answers(report: Path) -> list[int]:
-    """[documents both models answered identically, documents], from the report's sample files."""
-
-    def answers(name: str) -> dict:
-        records = [json.loads(line) for line in (report / f"samples-{name}.jsonl").read_text().splitlines()]
-        return {(r["task"], r["doc_id"], r["filter"]): answer(r["resps"]) for r in records}
-
-    baseline, attnres = answers("baseline"), answers("attnres")
-    return [sum(baseline[key] == attnres.get(key) for key in baseline), len(baseline)]
 
 
 def heal(args, plain: Path, grafted: Path, train_blocks, held_out, seed: int) -> dict:
@@ -306,7 +280,9 @@ def comparison_lines(evaluation: dict) -> list[str]:
                 else "–"
             )
             p_value = f"{paired['mcnemar_p']:.3g}" if paired.get("mcnemar_p") is not None else "–"
-            same = "{} of {}".format(*entry["identical_answers"])
+            # documents the two models answered identically, counted by `attnres eval` (per task, before it did)
+            identical = row.get("identical_answers") or entry.get("identical_answers")
+            same = "{} of {}".format(*identical) if identical else "–"
             lines.append(
                 f"| {task} | {row['samples'] or '–'} | {row['metric']} | {row['baseline']:.4f} | "
                 f"{row['attnres']:.4f} | {row['delta']:+.4f} {interval} | {flips} | {p_value} | {same} | "

@@ -1,10 +1,13 @@
 """Shared fixtures, tiny model factories and the tolerance table of the test suite."""
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
 from packaging.version import Version
+from transformers import PreTrainedModel
 
 
 # `torch.compile(fullgraph=True)` of a transformers model traces transformers' own forward decorators, which torch
@@ -70,3 +73,21 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, kind: str, what: 
     )
     print(f"[max-abs-diff] {what}: {max_diff:.3g}")
     return max_diff
+
+
+@contextlib.contextmanager
+def recorded_model_loads() -> Iterator[list[dict]]:
+    """Every model `from_pretrained` made within the block, as `{"use_kernels": what the caller passed (or "absent"),
+    "kernelized": the loaded model's use_kernels}`: transformers' own method runs, this only records around it."""
+    loads = []
+    original = PreTrainedModel.from_pretrained.__func__
+
+    def recording(cls, *args, **kwargs):
+        loaded = original(cls, *args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded  # output_loading_info=True
+        loads.append({"use_kernels": kwargs.get("use_kernels", "absent"), "kernelized": bool(model.use_kernels)})
+        return loaded
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(PreTrainedModel, "from_pretrained", classmethod(recording))
+        yield loads

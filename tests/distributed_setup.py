@@ -17,7 +17,7 @@ def make_model(mode: str, checkpointing: bool) -> AttnResForCausalLM:
     """The same model on every rank: fixed random weights, non-zero pseudo-queries."""
     model = randomize_(AttnResForCausalLM(tiny_config(mode)), seed=0, query_std=0.3)
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": False})
     return model.train()
 
 

@@ -17,7 +17,7 @@ from attnres import AttnResForCausalLM
 from attnres.cli import main
 from attnres.convert import graft, verify_graft
 from attnres.paths import STAGING_MARKER, process_identity
-from tests.conftest import assert_close
+from tests.conftest import assert_close, recorded_model_loads
 from tests.test_remote_code import load_as_remote_code
 from tests.tiny_models import FAMILIES, family_pair, tiny_config, tiny_tokenizer
 
@@ -177,7 +177,9 @@ def test_cli_convert_with_verify_and_force(tmp_path, capsys):
         "--verify",
         "--no-progress",
     ]
-    assert main(argv) == 0
+    with recorded_model_loads() as loads:
+        assert main(argv) == 0
+    assert loads == [{"use_kernels": False, "kernelized": False}] * 2  # no Hub kernels (transformers 5.25's default)
     out = capsys.readouterr().out
     assert "greedy continuation identical" in out
     assert not (tmp_path / "dst" / "keep.txt").exists()

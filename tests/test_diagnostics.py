@@ -9,7 +9,7 @@ from PIL import Image
 
 from attnres.cli import main
 from attnres.diagnostics import collect
-from tests.conftest import TOLERANCES
+from tests.conftest import TOLERANCES, recorded_model_loads
 from tests.eval_fixtures import write_model_pair
 from tests.tiny_models import family_pair, randomize_
 
@@ -50,8 +50,10 @@ def test_inspect_text_writes_plots_and_tables(tmp_path, capsys):
     baseline, attnres = write_model_pair(tmp_path)
     text = tmp_path / "text.txt"
     text.write_text(json.__doc__ * 3)
-    assert main(["inspect", str(attnres), "--baseline", str(baseline), "--text", str(text), "--output",
-                 str(tmp_path / "diag"), "--max-tokens", "64"]) == 0  # fmt: skip
+    with recorded_model_loads() as loads:
+        assert main(["inspect", str(attnres), "--baseline", str(baseline), "--text", str(text), "--output",
+                     str(tmp_path / "diag"), "--max-tokens", "64"]) == 0  # fmt: skip
+    assert loads == [{"use_kernels": False, "kernelized": False}] * 2  # no Hub kernels (transformers 5.25's default)
     runs = json.loads((tmp_path / "diag" / "diagnostics.json").read_text())
     assert [run["label"].split(":")[0] for run in runs] == ["AttnRes", "baseline"]
     assert runs[0]["tokens"] == 64 and abs(runs[0]["loss"] - runs[1]["loss"]) < 1e-5

@@ -1,6 +1,9 @@
 """`attnres eval`: the six tasks end to end through lm-eval on tiny local models and fixture data, the comparison
 report with its paired statistics, and bad input."""
 
+import contextlib
+import copy
+import io
 import json
 import os
 import re
@@ -13,6 +16,7 @@ import torch
 from PIL import Image
 
 from attnres.cli import main
+from tests.conftest import recorded_model_loads
 from tests.eval_fixtures import write_benchmark_data, write_model_pair
 
 
@@ -38,12 +42,24 @@ def eval_args(workspace, output, *extra):
 
 @pytest.fixture(scope="module")
 def report(workspace):
+    """The report directory; what `attnres eval` printed is kept beside it, in printed.txt."""
     root = workspace[0]
     output = root / "report"
-    assert (
-        main(eval_args(workspace, output, "--tasks", ALL_TASKS, "--allow-code-execution", "--update-model-card")) == 0
-    )
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), recorded_model_loads() as loads:
+        assert (
+            main(eval_args(workspace, output, "--tasks", ALL_TASKS, "--allow-code-execution", "--update-model-card"))
+            == 0
+        )
+    (root / "printed.txt").write_text(printed.getvalue())
+    (root / "model-loads.json").write_text(json.dumps(loads))
     return output
+
+
+def test_both_models_load_without_hub_kernels(report):
+    """transformers 5.25 loads with Hub kernels unless told otherwise; `attnres eval` tells it, for both models."""
+    loads = json.loads((report.parent / "model-loads.json").read_text())
+    assert loads == [{"use_kernels": False, "kernelized": False}] * 2
 
 
 def test_all_six_tasks_produce_lm_eval_metrics(report):
@@ -70,10 +86,12 @@ def test_all_six_tasks_produce_lm_eval_metrics(report):
 
 def test_graft_scores_exactly_like_its_source_at_step_zero(report):
     """The grafted model computes its source's function, so every score (loglikelihood ranks, greedy text) agrees,
-    document by document: the paired interval is [0, 0] and no document flips either way."""
+    document by document: the paired interval is [0, 0], no document flips either way, and every document got the
+    same answer (generated text, or multiple-choice pick) from both."""
     rows = json.loads((report / "results.json").read_text())["comparison"]
     for row in rows:
         assert row["delta"] == 0.0, row
+        assert row["identical_answers"] == [row["samples"], row["samples"]], row
         assert row["paired"] == {
             "items": row["samples"],
             "mean_difference": 0.0,
@@ -122,6 +140,7 @@ def test_table_json_and_plot_agree(report):
         assert (low, high) == (pytest.approx(paired["ci_low"], abs=5e-5), pytest.approx(paired["ci_high"], abs=5e-5))
         assert cells[7] == f"{paired['right_to_wrong']} / {paired['wrong_to_right']}"
         assert float(cells[8]) == pytest.approx(paired["mcnemar_p"], rel=1e-3)
+        assert cells[9] == "{}/{}".format(*row["identical_answers"]) == f"{row['samples']}/{row['samples']}"
     image = Image.open(report / "comparison.png")
     assert image.size[0] > 300 and image.size[1] > 300
     plotted = json.loads(image.info["Description"])
@@ -141,6 +160,15 @@ def test_table_json_and_plot_agree(report):
     markdown = (report / "results.md").read_text()
     assert "lm-eval task `gpqa_diamond_zeroshot` version 2.2" in markdown and "1 of 7 subsets" in markdown
     assert "lm-eval task `gsm8k_cot` version 3.0" in markdown and "paired bootstrap" in markdown
+    assert "- identical answers: the row's documents to which both models gave the same answer" in markdown
+
+
+def test_printed_table_is_the_reports_table(report):
+    printed = (report.parent / "printed.txt").read_text()
+    table = [line for line in (report / "results.md").read_text().splitlines() if line.startswith("|")]
+    assert table[0].endswith("| McNemar p | identical answers |") and len(table) == 2 + 9
+    assert "\n".join(table) in printed
+    assert "| mmlu | acc | 6 |" in printed and "| 1 | 6/6 |" in printed
 
 
 def test_model_card_results_and_model_index(report, workspace):
@@ -150,12 +178,92 @@ def test_model_card_results_and_model_index(report, workspace):
     assert (report / "model_card.md").read_text() == (workspace[2] / "README.md").read_text()
     assert "| humaneval | pass@1 (create_test) |" in card.text
     assert "- mmlu acc: AttnRes - baseline = +0.0000, 95% CI [+0.0000, +0.0000] over 6 paired documents; 0 lost, " \
-        "0 gained (McNemar p = 1)" in card.text  # fmt: skip
+        "0 gained (McNemar p = 1); identical answers on 6 of 6 documents" in card.text  # fmt: skip
+    assert "identical answers |" in card.text and "| 1 | 2/2 |" in card.text  # the table's column (HumanEval)
     results = {(r.dataset_name, r.metric_name): (r.metric_type, r.metric_value) for r in card.data.eval_results}
     expected = json.loads((report / "results.json").read_text())["comparison"]
     assert results == {
         (row["task"], row["metric"]): (row["metric"].split(" (")[0], round(row["attnres"], 4)) for row in expected
     }
+
+
+def report_outputs(report: Path) -> tuple[dict, dict[str, dict]]:
+    """results.json, and each model's lm-eval results as `comparison_rows` takes them, from the report's files."""
+    results = json.loads((report / "results.json").read_text())
+    outputs = {}
+    for label in ("baseline", "attnres"):
+        samples = {}
+        for line in (report / f"samples-{label}.jsonl").read_text().splitlines():
+            record = json.loads(line)
+            samples.setdefault(record.pop("task"), []).append(record)
+        outputs[label] = {**results["lm_eval"][label], "samples": samples}
+    return results, outputs
+
+
+def test_identical_answers_count_differing_texts_and_picks(report):
+    """The real run's records, with the graft's answers changed: one HumanEval continuation, one GSM8K continuation
+    (both of its filters' records), one MMLU pick, and one MBPP document missing. Every MMLU loglikelihood is also
+    shifted, as rounding shifts them, which changes no pick and so no count."""
+    from attnres.eval_tasks import SUITE
+    from attnres.evaluation import comparison_rows, format_table, statistics_notes
+    from attnres.model_card import paired_summary
+
+    results, outputs = report_outputs(report)
+    tasks = [SUITE[name] for name in results["tasks"]]
+    unchanged = comparison_rows(tasks, results["tasks"], outputs["attnres"], outputs["baseline"])
+    assert [[*row.identical_answers] for row in unchanged] == [r["identical_answers"] for r in results["comparison"]]
+
+    attnres = copy.deepcopy(outputs["attnres"])
+    samples = attnres["samples"]
+    samples["humaneval"][0]["resps"][0][0] += "\n    return None"
+    for record in samples["gsm8k_cot"]:
+        if record["doc_id"] == 1:
+            record["resps"][0][0] += " 7"
+    for record in samples["mmlu_anatomy"] + samples["mmlu_astronomy"]:
+        for choice in record["resps"]:
+            choice[0][0] += 2e-6
+    changed = samples["mmlu_astronomy"][2]["resps"]
+    scores = [choice[0][0] for choice in changed]
+    changed[(scores.index(max(scores)) + 1) % len(scores)][0][0] = max(scores) + 0.5  # another choice is picked
+    samples["mbpp"].pop()
+
+    rows = comparison_rows(tasks, results["tasks"], attnres, outputs["baseline"])
+    assert {(row.task, row.metric): row.identical_answers for row in rows} == {
+        ("mmlu", "acc"): (5, 6),
+        ("gpqa_diamond", "acc"): (3, 3),
+        ("gpqa_diamond", "acc_norm"): (3, 3),
+        ("humaneval", "pass@1 (create_test)"): (1, 2),
+        ("minerva_math", "exact_match"): (3, 3),
+        ("minerva_math", "math_verify"): (3, 3),
+        ("gsm8k", "exact_match (strict-match)"): (2, 3),
+        ("gsm8k", "exact_match (flexible-extract)"): (2, 3),
+        ("mbpp", "pass@1"): (2, 3),
+    }
+    table = format_table(rows, "tiny-llama", "tiny-llama-attnres").splitlines()
+    assert next(line for line in table if line.startswith("| mmlu | acc |")).endswith("| 5/6 |")
+    assert next(line for line in table if line.startswith("| humaneval |")).endswith("| 1/2 |")
+    assert any(note.startswith("- identical answers:") for note in statistics_notes(rows))
+    assert any(line.endswith("; identical answers on 5 of 6 documents") for line in paired_summary(rows))
+    single = format_table(rows, None, "tiny-llama-attnres").splitlines()  # one model: nothing to compare
+    assert single[0] == "| task | metric | n | tiny-llama-attnres |" and "/" not in "".join(single[2:])
+
+
+def test_answer_is_the_generated_text_the_pick_or_the_greedy_flag(report):
+    from attnres.evaluation import answer, identical_answers
+
+    samples = report_outputs(report)[1]["attnres"]["samples"]
+    generated = samples["humaneval"][0]
+    assert answer(generated) == (tuple(generated["resps"][0]),) and generated["resps"][0][0].strip()
+    question = samples["mmlu_anatomy"][0]  # one [loglikelihood, is_greedy] request per choice
+    scores = [choice[0][0] for choice in question["resps"]]
+    assert len(scores) == 4 and answer(question) == (scores.index(max(scores)),)
+    assert answer({"resps": [[[-1.0, False]], [[-0.5, False]], [[-0.5, True]]]}) == (1,)  # a tie: the first
+    assert answer({"resps": [[[-2.5, True]]]}) == (True,)  # a single loglikelihood: whether it is the greedy one
+    assert answer({"resps": [[[-2.5, False], [-2.4, True]]]}) == (False, True)  # per repeat
+    assert answer({"resps": [[-42.0]]}) is None  # loglikelihood_rolling: a perplexity, not an answer
+    assert answer({"resps": [[{"text": "?"}]]}) is None and answer({"resps": []}) is None
+    rolling = {"wikitext": [{"doc_id": 0, "filter": "none", "resps": [[-42.0]], "metrics": {"word_perplexity": 42.0}}]}
+    assert identical_answers(rolling, rolling, ["wikitext"], "word_perplexity") is None  # no count, not 1/1
 
 
 def test_responses_are_cached_for_resuming(report, workspace):

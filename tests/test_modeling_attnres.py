@@ -3,6 +3,7 @@ whole network at zero queries), the paper-literal loop of reference_attnres.py, 
 the two-phase one, and itself (cache, padding, checkpointing)."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from attnres import AttnResConfig, AttnResForCausalLM
 from attnres.diagnostics import step_memory
 from attnres.layout import depth_source_names
-from attnres.modeling_attnres import AttnResRMSNorm
+from attnres.modeling_attnres import AttnResRMSNorm, OffloadedLayerInputs
 from tests.conftest import TOLERANCES, assert_close, requires_fullgraph_compile
 from tests.reference_attnres import reference_logits
 from tests.tiny_models import FAMILIES, attnres_parameter_names, family_pair, randomize_, tiny_config
@@ -320,38 +321,98 @@ def _gradients(model: AttnResForCausalLM, ids: torch.Tensor) -> dict[str, torch.
     return {name: None if p.grad is None else p.grad.clone() for name, p in model.named_parameters()}
 
 
+def enable_deprecated_name(model: AttnResForCausalLM, use_reentrant: bool) -> None:
+    """The name every supported release knows, deprecated from transformers 5.23 on (FutureWarning there)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+
+
+# How activation checkpointing is switched on: `activation_checkpointing_enable` is transformers 5.23's name and
+# options, which AttnRes models have on every supported release.
+CHECKPOINTING = {
+    "gradient_checkpointing_enable": enable_deprecated_name,
+    "every layer": lambda model, reentrant: model.activation_checkpointing_enable({"use_reentrant": reentrant}),
+    "every 2nd layer": lambda model, reentrant: model.activation_checkpointing_enable(
+        {"use_reentrant": reentrant}, every_n_layers=2
+    ),
+    "offload": lambda model, reentrant: model.activation_checkpointing_enable(
+        {"use_reentrant": reentrant}, offload=True
+    ),
+    "every 2nd layer, offload": lambda model, reentrant: model.activation_checkpointing_enable(
+        {"use_reentrant": reentrant}, every_n_layers=2, offload=True
+    ),
+}
+
+
 @pytest.mark.parametrize("mode", ["block", "full"])
 @pytest.mark.parametrize("use_reentrant", [False, True])
-def test_gradient_checkpointing_gives_the_same_gradients(mode, use_reentrant):
+@pytest.mark.parametrize("checkpointing", list(CHECKPOINTING))
+def test_activation_checkpointing_gives_the_same_gradients(mode, use_reentrant, checkpointing):
     model = attnres_model(mode, query_std=0.3).train()
     ids = random_ids()
     expected = _gradients(model, ids)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
-    attention_calls = []
-    model.model.layers[1].self_attn.register_forward_pre_hook(lambda *_: attention_calls.append(1))
+    CHECKPOINTING[checkpointing](model, use_reentrant)
+    recomputed = [layer.gradient_checkpointing for layer in model.model.layers]
+    assert recomputed == [index % (2 if "2nd" in checkpointing else 1) == 0 for index in range(5)]
+    assert model.model.offloads_checkpointed_inputs is ("offload" in checkpointing)
+    attention_calls = [0] * len(recomputed)
+    for index, layer in enumerate(model.model.layers):
+        layer.self_attn.register_forward_pre_hook(
+            lambda *_, index=index: attention_calls.__setitem__(index, attention_calls[index] + 1)
+        )
     actual = _gradients(model, ids)
-    assert len(attention_calls) == 2, "the backward pass did not recompute the checkpointed layer"
+    assert attention_calls == [2 if checkpointed else 1 for checkpointed in recomputed], "recomputed layers"
     assert expected.keys() == actual.keys()
     for name in expected:
         assert (expected[name] is None) == (actual[name] is None), name
         if expected[name] is not None:
-            assert_close(actual[name], expected[name], "fp32_grad", f"{mode} grad {name} (reentrant={use_reentrant})")
+            assert_close(actual[name], expected[name], "fp32_grad", f"{mode} {checkpointing} grad {name}")
+    model.activation_checkpointing_disable()
+    assert not any(layer.gradient_checkpointing for layer in model.model.layers)
 
 
-def test_block_activation_memory_grows_linearly_with_the_number_of_blocks():
+def test_activation_checkpointing_refuses_a_meaningless_layer_stride():
+    with pytest.raises(ValueError, match="every_n_layers must be a positive integer, got 0"):
+        attnres_model().activation_checkpointing_enable(every_n_layers=0)
+
+
+def test_offloading_keeps_the_shared_source_buffers_and_offloads_the_rest():
+    """What a checkpointed layer saves for its recompute goes through torch's `save_on_cpu`, except views of the
+    completed-source buffers, which every layer receives: those are kept by reference (one buffer, O(N·d)), never
+    copied per layer (O(L·N·d))."""
+    sources, sources_inv_rms = torch.randn(9, 2, 3, 8), torch.rand(9, 2, 3)
+    hooks = OffloadedLayerInputs(sources, sources_inv_rms)
+    for view in (sources[:4], sources_inv_rms[:4], sources):
+        assert hooks.pack_hook(view) is view and hooks.unpack_hook(view) is view
+    hidden_states = torch.randn(2, 3, 8)
+    packed = hooks.pack_hook(hidden_states)
+    assert isinstance(packed, tuple), "not handed to save_on_cpu"
+    assert torch.equal(hooks.unpack_hook(packed), hidden_states)
+
+
+@pytest.mark.parametrize(
+    "checkpointing",
+    [None, dict(), dict(offload=True)],
+    ids=["no checkpointing", "checkpointing", "checkpointing with offload"],
+)
+def test_block_activation_memory_grows_linearly_with_the_number_of_blocks(checkpointing):
     """Block AttnRes needs O(N·d) activation memory per token for its sources (paper §4): each completed block is
-    kept once, however many later blocks read it. Keeping a stacked copy per block instead costs Σ_k k = O(N²)
+    kept once, however many later blocks read it, with activation checkpointing (which saves every layer's inputs,
+    the source buffers among them) as without. Keeping a stacked copy per block instead costs Σ_k k = O(N²)
     d-vectors. On 16 layers, going from N = 8 to N = 16 must then add about as much memory as going from 4 to 8
     twice over (8 more sources vs 4, with the per-layer terms unchanged), not Σ_{9..16} k / Σ_{5..8} k ≈ 3.8 times."""
     ids = random_ids()
     held = {}
     for num_blocks in (4, 8, 16):
         model = attnres_model("block", query_std=0.3, num_hidden_layers=16, attn_res_num_blocks=num_blocks).train()
+        if checkpointing is not None:
+            model.activation_checkpointing_enable(**checkpointing)
         step_memory(model, ids)  # warm-up: lazily created state is not activation memory
         model.zero_grad(set_to_none=True)
         held[num_blocks] = step_memory(model, ids)[0]
     growth = (held[16] - held[8]) / (held[8] - held[4])
-    print(f"[memory] held bytes for N = 4, 8, 16: {held}; growth ratio {growth:.2f} (linear: 2, quadratic: 3.8)")
+    print(f"[memory] {checkpointing}: held bytes for N = 4, 8, 16: {held}; growth ratio {growth:.2f} (linear: 2)")
     assert 1.5 < growth < 2.5
 
 

@@ -22,6 +22,7 @@ def test_remote_code_files_import_only_torch_transformers_and_each_other():
         "collections",
         "dataclasses",
         "functools",
+        "contextlib",
         "math",
         "re",
         "torch",

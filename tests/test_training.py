@@ -2,10 +2,12 @@
 (default targets, AttnRes parameters, adapter round trip), `attnres train` (what each --train mode changes,
 bad input) and 2-process DDP on CPU."""
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,14 +18,20 @@ from transformers import TrainingArguments, default_data_collator
 
 from attnres import AttnResForCausalLM
 from attnres.cli import main
+from attnres.errors import AttnResError
 from attnres.peft_support import attnres_lora_config, is_attn_res_parameter
-from attnres.training import AttnResTrainer
-from tests.conftest import assert_close
+from attnres.training import HAS_ACTIVATION_CHECKPOINTING_FLAGS, AttnResTrainer, parse_arguments, train
+from tests.conftest import assert_close, recorded_model_loads
 from tests.eval_fixtures import write_model_pair
 from tests.tiny_models import randomize_, tiny_config
 
 
 REPO = Path(__file__).resolve().parents[1]
+# PEFT (0.21) reads `model.is_gradient_checkpointing`, deprecated since transformers 5.23: a FutureWarning from PEFT's
+# code, not this project's, for tests that call `get_peft_model` themselves (`attnres train` silences it itself).
+PEFT_READS_THE_DEPRECATED_FLAG = pytest.mark.filterwarnings(
+    "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"
+)
 
 
 def token_blocks(count=32, length=16, seed=0):
@@ -64,14 +72,34 @@ def held_out_loss(model):
         return model(**batch).loss.item()
 
 
-@pytest.mark.parametrize("checkpointing", [False, True])
+def checkpointing_arguments(options: dict | None) -> dict:
+    """TrainingArguments for activation checkpointing with `options`, under the names of the installed release:
+    `activation_checkpointing[_kwargs]` from transformers 5.23 on, `gradient_checkpointing[_kwargs]` before."""
+    name = "activation_checkpointing" if HAS_ACTIVATION_CHECKPOINTING_FLAGS else "gradient_checkpointing"
+    return {name: options is not None, f"{name}_kwargs": options}
+
+
+@pytest.mark.parametrize(
+    "checkpointing",
+    [
+        None,
+        {},
+        pytest.param(
+            {"every_n_layers": 2, "offload": True},
+            marks=pytest.mark.skipif(not HAS_ACTIVATION_CHECKPOINTING_FLAGS, reason="transformers 5.23's options"),
+        ),
+    ],
+    ids=["no checkpointing", "checkpointing", "every 2nd layer, offload"],
+)
 def test_trainer_lowers_the_loss(tmp_path, checkpointing):
     model = randomize_(AttnResForCausalLM(tiny_config("block")), query_std=0.0)
     before = held_out_loss(model)
-    # `gradient_checkpointing`: the name every supported transformers release knows (5.24 prefers activation_...)
-    trainer = trainer_for(model, tmp_path, gradient_checkpointing=checkpointing)
+    trainer = trainer_for(model, tmp_path, **checkpointing_arguments(checkpointing))
     trainer.train()
-    assert model.model.gradient_checkpointing is checkpointing
+    stride = (checkpointing or {}).get("every_n_layers", 1)
+    expected = [checkpointing is not None and index % stride == 0 for index in range(5)]
+    assert [layer.gradient_checkpointing for layer in model.model.layers] == expected
+    assert model.model.offloads_checkpointed_inputs is bool((checkpointing or {}).get("offload"))
     after = held_out_loss(model)
     assert after < before - 0.5, (before, after)
     # the AttnRes parameters learned (their queries start at zero), with their own learning rate
@@ -98,6 +126,7 @@ def test_resume_from_checkpoint_continues_the_same_run(tmp_path):
         assert_close(actual, expected, "fp32", name)
 
 
+@PEFT_READS_THE_DEPRECATED_FLAG
 def test_lora_defaults_match_llama_and_leave_attnres_frozen():
     model = AttnResForCausalLM(tiny_config("block"))
     peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM"))
@@ -106,6 +135,7 @@ def test_lora_defaults_match_llama_and_leave_attnres_frozen():
     assert trainable and all("lora_" in n for n in trainable)
 
 
+@PEFT_READS_THE_DEPRECATED_FLAG
 def test_attnres_lora_config_trains_attnres_parameters_fully():
     model = AttnResForCausalLM(tiny_config("block"))
     peft_model = get_peft_model(model, attnres_lora_config(r=4, target_modules=["q_proj", "v_proj"]))
@@ -115,6 +145,7 @@ def test_attnres_lora_config_trains_attnres_parameters_fully():
     assert len(attn_res) == 22 and trainable - attn_res == {n for n in trainable if "lora_" in n}
 
 
+@PEFT_READS_THE_DEPRECATED_FLAG
 def test_adapter_save_load_and_merge_give_the_same_logits(tmp_path):
     base = randomize_(AttnResForCausalLM(tiny_config("block")), query_std=0.0)
     base.save_pretrained(tmp_path / "base")
@@ -152,13 +183,52 @@ def graft_and_text(tmp_path_factory):
     return root, baseline, attnres
 
 
-def run_train(graft_and_text, output, *extra):
+def train_arguments(graft_and_text, output, *extra) -> list[str]:
     root, _, attnres = graft_and_text
-    return main(
-        ["train", "--model", str(attnres), "--dataset", str(root / "text.jsonl"), "--block_size", "64",
-         "--output_dir", str(output), "--max_steps", "6", "--per_device_train_batch_size", "4", "--learning_rate",
-         "1e-2", "--report_to", "none", "--save_strategy", "no", "--use_cpu", "--disable_tqdm", "true", *extra]
-    )  # fmt: skip
+    return [
+        "--model", str(attnres), "--dataset", str(root / "text.jsonl"), "--block_size", "64",
+        "--output_dir", str(output), "--max_steps", "6", "--per_device_train_batch_size", "4", "--learning_rate",
+        "1e-2", "--report_to", "none", "--save_strategy", "no", "--use_cpu", "--disable_tqdm", "true", *extra,
+    ]  # fmt: skip
+
+
+def run_train(graft_and_text, output, *extra):
+    return main(["train", *train_arguments(graft_and_text, output, *extra)])
+
+
+@pytest.mark.parametrize(
+    "options", [None, '{"every_n_layers": 2, "offload": true}'], ids=["all layers", "5.23 options"]
+)
+def test_train_cli_takes_the_documented_checkpointing_flag_on_every_release(graft_and_text, tmp_path, options):
+    """`--activation_checkpointing` (transformers 5.23's name) works on every supported release, passed on as
+    `--gradient_checkpointing` where that is the only name; no FutureWarning; the model loads without Hub kernels.
+    `every_n_layers` / `offload` need 5.23: refused in one line before it."""
+    extra = ["--activation_checkpointing"] + (["--activation_checkpointing_kwargs", options] if options else [])
+    argv = train_arguments(graft_and_text, tmp_path / "out", *extra)
+    if options and not HAS_ACTIVATION_CHECKPOINTING_FLAGS:
+        with pytest.raises(AttnResError, match=r"every_n_layers and offload need transformers >= 5.23"):
+            parse_arguments(argv)
+        return
+    with warnings.catch_warnings(), recorded_model_loads() as loads:
+        warnings.simplefilter("error", FutureWarning)
+        trainer, _ = train(*parse_arguments(argv))
+    stride = 2 if options else 1
+    assert [layer.gradient_checkpointing for layer in trainer.model.model.layers] == [
+        i % stride == 0 for i in range(5)
+    ]
+    assert trainer.model.model.offloads_checkpointed_inputs is bool(options)
+    assert loads == [{"use_kernels": False, "kernelized": False}]
+
+
+def test_train_cli_use_kernels_loads_with_hub_kernels(graft_and_text, tmp_path, capsys):
+    argv = train_arguments(graft_and_text, tmp_path / "out", "--use-kernels")
+    if importlib.util.find_spec("kernels") is None:  # transformers < 5.25 does not depend on it
+        assert main(["train", *argv]) == 1
+        assert "--use-kernels needs the kernels package" in capsys.readouterr().err
+        return
+    with recorded_model_loads() as loads:
+        train(*parse_arguments(argv))
+    assert loads == [{"use_kernels": True, "kernelized": True}]
 
 
 def changed_tensors(before: Path, after: Path) -> set[str]:

@@ -103,6 +103,7 @@ def run_eval(args: argparse.Namespace) -> int:
         max_gen_toks=args.max_gen_toks,
         cache_dir=None if args.no_cache else args.cache_dir,
         allow_code_execution=args.allow_code_execution,
+        use_kernels=args.use_kernels,
         force=args.force,
         update_model_card=args.update_model_card,
         command=args.command_line,
@@ -187,6 +188,12 @@ def eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", default="auto", help="an integer or 'auto' (lm-eval's)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda, else mps, else cpu)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument(
+        "--use-kernels",
+        action="store_true",
+        help="load both models with Hugging Face Hub kernels (transformers' use_kernels=True; the default of "
+        "transformers 5.25+ elsewhere); without it, attnres loads them with use_kernels=False",
+    )
     parser.add_argument("--max-gen-toks", type=int, help="cap generation length (HumanEval, Minerva, GSM8K, MBPP)")
     parser.add_argument("--data-dir", type=Path, help="local task data (layout: attnres.eval_tasks docstring)")
     parser.add_argument("--output", type=Path, required=True, help="report directory (must not exist or be empty)")

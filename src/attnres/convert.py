@@ -32,7 +32,7 @@ from .configuration_attnres import AttnResConfig
 from .errors import AttnResError
 from .families import SUPPORTED_FAMILIES, attnres_config_kwargs, unsupported_message
 from .model_card import render_model_card, source_license
-from .model_sources import local_checkpoint, locate_model
+from .model_sources import loading_options, local_checkpoint, locate_model
 from .modeling_attnres import AttnResForCausalLM
 from .paths import staged_directory
 
@@ -487,8 +487,10 @@ def verify_graft(
         input_ids = AutoTokenizer.from_pretrained(destination)(text, return_tensors="pt").input_ids
     else:  # no tokenizer: any token ids make the comparison
         input_ids = torch.arange(32)[None] % AttnResConfig.from_pretrained(destination).vocab_size
-    base = AutoModelForCausalLM.from_pretrained(**located.from_pretrained_kwargs(), dtype=torch.float32).eval()
-    grafted = AttnResForCausalLM.from_pretrained(destination, dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(
+        **located.from_pretrained_kwargs(), dtype=torch.float32, **loading_options()
+    ).eval()
+    grafted = AttnResForCausalLM.from_pretrained(destination, dtype=torch.float32, **loading_options()).eval()
     diff = (grafted(input_ids).logits - base(input_ids).logits).abs().max().item()
     generation = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=base.config.eos_token_id)
     base_tokens = base.generate(input_ids, **generation)

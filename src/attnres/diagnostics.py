@@ -195,7 +195,7 @@ def diagnose(model: str, text_file: Path, output: Path, *, baseline: str | None 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .errors import AttnResError
-    from .model_sources import locate_model
+    from .model_sources import loading_options, locate_model
     from .paths import check_replaceable, staged_directory
 
     if max_tokens < 1:
@@ -214,7 +214,7 @@ def diagnose(model: str, text_file: Path, output: Path, *, baseline: str | None 
     runs = []
     for label, source in sources.items():
         loaded = AutoModelForCausalLM.from_pretrained(
-            **source.from_pretrained_kwargs(), trust_remote_code=True, dtype=torch.float32
+            **source.from_pretrained_kwargs(), trust_remote_code=True, dtype=torch.float32, **loading_options()
         )
         runs.append(collect(loaded, input_ids, f"{label}: {Path(source.name).name}"))
         del loaded

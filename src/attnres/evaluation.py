@@ -3,12 +3,13 @@
 
 Three steps, each a function: `evaluate_model` wraps each model in lm-eval's `HFLM` (`trust_remote_code=True`, so
 AttnRes checkpoints load as remote code) and runs `simple_evaluate` on the task configs `eval_tasks` writes;
-`comparison_rows` pairs the two models' scores, and their per-document scores for paired statistics (`paired_stats`:
-bootstrap interval of the difference, flips, McNemar's test); `write_report` renders results.md, results.json, the
-per-document samples, comparison.png and the model card. `run_eval` is the glue. lm-eval's `use_cache` keeps every
-model response in SQLite, keyed by the model's identity, so an interrupted run resumes where it stopped; under
-`accelerate launch` / `torchrun`, HFLM splits the requests across the processes and the first one writes the report.
-The report is staged next to `--output` and renamed into place at the end (`paths.staged_directory`).
+`comparison_rows` pairs the two models' scores, their per-document scores for paired statistics (`paired_stats`:
+bootstrap interval of the difference, flips, McNemar's test) and their per-document answers (`identical_answers`: how
+many documents got the same answer from both); `write_report` renders results.md, results.json, the per-document
+samples, comparison.png and the model card. `run_eval` is the glue. lm-eval's `use_cache` keeps every model response
+in SQLite, keyed by the model's identity, so an interrupted run resumes where it stopped; under `accelerate launch` /
+`torchrun`, HFLM splits the requests across the processes and the first one writes the report. The report is staged
+next to `--output` and renamed into place at the end (`paths.staged_directory`).
 """
 
 import hashlib
@@ -24,7 +25,7 @@ from pathlib import Path
 from .errors import AttnResError
 from .eval_tasks import BenchmarkTask, PreparedTasks, check_requirements, is_primary_metric, write_task_configs
 from .model_card import RESULTS_START, fill_results
-from .model_sources import locate_model
+from .model_sources import loading_options, locate_model
 from .paired_stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE, PairedStatistics, paired_statistics
 from .paths import check_replaceable, staged_directory
 
@@ -34,8 +35,11 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ComparisonRow:
-    """One metric of one task: the two models' scores, their standard errors, the difference and, where the metric is
-    the mean of per-document scores, the paired statistics of the per-document differences."""
+    """One metric of one task: the two models' scores, their standard errors and the difference; where the metric is
+    the mean of per-document scores, the paired statistics of the per-document differences; and where the responses
+    are answers (`answer`), `identical_answers`: (documents both models answered identically, documents) over the row's
+    documents (`metric_records`: those of its filter, a group's subtasks pooled), so the same for every metric of a
+    task and filter."""
 
     task: str
     metric: str
@@ -45,6 +49,7 @@ class ComparisonRow:
     attnres: float
     attnres_stderr: float | None
     paired: PairedStatistics | None = None
+    identical_answers: tuple[int, int] | None = None
 
     @property
     def delta(self) -> float | None:
@@ -126,6 +131,7 @@ def evaluate_model(
     cache_dir: Path | None,
     allow_code_execution: bool,
     label: str,
+    use_kernels: bool = False,
 ) -> dict | None:
     """lm-eval's full results for one model (`simple_evaluate`'s return value), with its per-document records moved
     to `results["samples"]` in the compact form `sample_records` gives; `None` on the processes of a distributed run
@@ -144,12 +150,14 @@ def evaluate_model(
         dtype=dtype,
         batch_size=batch_size,
         device=device,
+        **loading_options(use_kernels),  # passed on to from_pretrained
     )
     split_requests_across_processes(lm)
     cache = None
     if cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        cache = str(cache_dir / f"{label}-{model_fingerprint(model, dtype)}")
+        kernels = "hub-kernels-" if use_kernels else ""  # kernels compute differently: their answers apart
+        cache = str(cache_dir / f"{label}-{kernels}{model_fingerprint(model, dtype)}")
     logger.info("evaluating %s (%s)", model, label)
     results = simple_evaluate(
         model=lm,
@@ -244,6 +252,8 @@ def comparison_rows(
             row = ComparisonRow(task.name, metric, count or None, base_value, base_stderr, value, stderr)
             if baseline is not None and base_value is not None:
                 row.paired = paired_row_statistics(leaves, metric, (attnres, value), (baseline, base_value))
+            if baseline is not None:
+                row.identical_answers = identical_answers(attnres["samples"], baseline["samples"], leaves, metric)
             rows.append(row)
     return rows
 
@@ -273,15 +283,81 @@ def item_scores(samples: dict[str, list[dict]], leaves: list[str], metric: str) 
     """{(subtask, document id): score} of the report's `metric` (lm-eval's metric and filter) in `sample_records`'
     records; empty where a document's score is not a number (e.g. the inputs of a corpus-level metric)."""
     scores = {}
+    for key, (_, value) in metric_records(samples, leaves, metric).items():
+        if not isinstance(value, (int, float)):
+            return {}
+        scores[key] = float(value)
+    return scores
+
+
+def metric_records(
+    samples: dict[str, list[dict]], leaves: list[str], metric: str
+) -> dict[tuple[str, int], tuple[dict, object]]:
+    """{(subtask, document id): (record, its value of `metric`)} for the `sample_records` records of `leaves` that
+    score the report's `metric` (lm-eval's metric and filter): the documents of one row of the comparison."""
+    found = {}
     for leaf in leaves:
         for record in samples.get(leaf, []):
             for name, value in record["metrics"].items():
-                if metric_name(name, record["filter"]) != metric:
-                    continue
-                if not isinstance(value, (int, float)):
-                    return {}
-                scores[leaf, record["doc_id"]] = float(value)
-    return scores
+                if metric_name(name, record["filter"]) == metric:
+                    found[leaf, record["doc_id"]] = (record, value)
+    return found
+
+
+def identical_answers(
+    attnres: dict[str, list[dict]], baseline: dict[str, list[dict]], leaves: list[str], metric: str
+) -> tuple[int, int] | None:
+    """(documents both models answered identically, documents) over the documents of one row (`metric_records`: the
+    row's filter, a group's subtasks pooled), from each model's `sample_records`; a document only one model answered
+    counts as different. `None` where a record's responses are not an answer `answer` knows (e.g. the rolling
+    loglikelihoods of a perplexity task): no count rather than a wrong one."""
+    per_model = []
+    for samples in (attnres, baseline):
+        answers = {key: answer(record) for key, (record, _) in metric_records(samples, leaves, metric).items()}
+        if not answers or None in answers.values():
+            return None
+        per_model.append(answers)
+    ours, theirs = per_model
+    documents = ours.keys() | theirs.keys()
+    return sum(key in ours and key in theirs and ours[key] == theirs[key] for key in documents), len(documents)
+
+
+def answer(record: dict) -> tuple | None:
+    """What a model answered in one `sample_records` record (its raw `resps`: one list per request, of the task's
+    `repeats` responses each), as a value that two models' answers compare by equality:
+
+    - generated text (`generate_until`): the texts, exactly, of every request and repeat;
+    - several loglikelihoods (`multiple_choice`: one [loglikelihood, is_greedy] request per choice): the pick, the
+      index of the choice the model scores highest (per repeat; the first on a tie), which `acc` scores. The
+      loglikelihoods themselves are not compared: two computations of the same function (a graft and its source, in
+      fp32) differ in their rounding;
+    - a single loglikelihood (`loglikelihood`, e.g. LAMBADA): whether the continuation is the model's greedy one
+      (is_greedy, per repeat), which `acc` scores; the value itself differs in rounding as above;
+    - anything else, a rolling loglikelihood (`loglikelihood_rolling`: a perplexity, a number rather than an answer)
+      or a shape this does not know: `None`."""
+    requests = record["resps"]
+    responses = [response for request in requests for response in request]
+    if not responses:
+        return None
+    if all(isinstance(response, str) for response in responses):
+        return tuple(tuple(request) for request in requests)
+    if not all(map(_is_loglikelihood, responses)) or len({len(request) for request in requests}) != 1:
+        return None
+    if len(requests) == 1:
+        return tuple(greedy for _, greedy in requests[0])
+    choices = range(len(requests))
+    return tuple(max(choices, key=lambda c: requests[c][repeat][0]) for repeat in range(len(requests[0])))
+
+
+def _is_loglikelihood(response) -> bool:
+    """lm-eval's loglikelihood response: (loglikelihood, is_greedy); a list once written as JSON."""
+    return (
+        isinstance(response, (list, tuple))
+        and len(response) == 2
+        and isinstance(response[0], (int, float))
+        and not isinstance(response[0], bool)
+        and isinstance(response[1], bool)
+    )
 
 
 def _leaves(results: dict, group: str) -> list[str]:
@@ -302,14 +378,15 @@ def format_table(rows: list[ComparisonRow], baseline_label: str | None, attnres_
         return "\n".join(lines)
     lines = [
         f"| task | metric | n | baseline: {baseline_label} | AttnRes: {attnres_label} | delta "
-        f"| delta, {CONFIDENCE:.0%} CI (paired) | lost / gained | McNemar p |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"| delta, {CONFIDENCE:.0%} CI (paired) | lost / gained | McNemar p | identical answers |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         delta = "–" if r.delta is None else f"{r.delta:+.4f}"
+        identical = "–" if r.identical_answers is None else "{}/{}".format(*r.identical_answers)
         lines.append(
             f"| {r.task} | {r.metric} | {r.samples or '–'} | {number(r.baseline, r.baseline_stderr)} "
-            f"| {number(r.attnres, r.attnres_stderr)} | {delta} | {paired_cells(r.paired)} |"
+            f"| {number(r.attnres, r.attnres_stderr)} | {delta} | {paired_cells(r.paired)} | {identical} |"
         )
     return "\n".join(lines)
 
@@ -325,16 +402,23 @@ def paired_cells(paired: PairedStatistics | None) -> str:
 
 
 def statistics_notes(rows: list[ComparisonRow]) -> list[str]:
-    """How to read the paired columns, for results.md and the model card."""
-    if not any(r.paired is not None for r in rows):
-        return []
-    return [
-        f"- delta, {CONFIDENCE:.0%} CI: percentile interval of the mean per-document difference (AttnRes - baseline), "
-        f"paired bootstrap over the documents both models answered ({BOOTSTRAP_RESAMPLES:,} resamples, seed "
-        f"{BOOTSTRAP_SEED}; a group's documents pooled, as its size-weighted score pools them).",
-        "- lost / gained: documents the baseline got right and AttnRes wrong / the reverse (right/wrong metrics); "
-        "McNemar p: exact two-sided binomial test on those discordant documents.",
-    ]
+    """How to read the paired columns and the identical answers, for results.md and the model card."""
+    notes = []
+    if any(r.paired is not None for r in rows):
+        notes += [
+            f"- delta, {CONFIDENCE:.0%} CI: percentile interval of the mean per-document difference (AttnRes - "
+            f"baseline), paired bootstrap over the documents both models answered ({BOOTSTRAP_RESAMPLES:,} resamples, "
+            f"seed {BOOTSTRAP_SEED}; a group's documents pooled, as its size-weighted score pools them).",
+            "- lost / gained: documents the baseline got right and AttnRes wrong / the reverse (right/wrong metrics); "
+            "McNemar p: exact two-sided binomial test on those discordant documents.",
+        ]
+    if any(r.identical_answers is not None for r in rows):
+        notes.append(
+            "- identical answers: the row's documents to which both models gave the same answer: the same generated "
+            "text or, for a multiple-choice question, the same pick (the choice of highest loglikelihood; the "
+            "loglikelihoods themselves differ in rounding between two computations of the same function)."
+        )
+    return notes
 
 
 def plot_comparison(rows: list[ComparisonRow], path: Path, title: str) -> None:
@@ -453,6 +537,7 @@ def run_eval(
     max_gen_toks: int | None = None,
     cache_dir: Path | None = None,
     allow_code_execution: bool = False,
+    use_kernels: bool = False,
     force: bool = False,
     update_model_card: bool = False,
     command: str = "",
@@ -483,7 +568,8 @@ def run_eval(
         with tempfile.TemporaryDirectory(prefix="attnres-lm-eval-tasks-") as task_dir:
             prepared = write_task_configs(tasks, Path(task_dir), num_fewshot=num_fewshot, data_dir=data_dir)
             settings = dict(limit=limit, batch_size=batch_size, device=device, dtype=dtype, max_gen_toks=max_gen_toks,
-                            cache_dir=cache_dir, allow_code_execution=allow_code_execution)  # fmt: skip
+                            cache_dir=cache_dir, allow_code_execution=allow_code_execution,
+                            use_kernels=use_kernels)  # fmt: skip
             outputs = {
                 label: evaluate_model(name, prepared, label=label, **settings) for label, name in models.items()
             }

@@ -102,8 +102,9 @@ def fill_results(card_text: str, rows: list, table: str, settings: list[str], mo
 
 
 def paired_summary(rows: list) -> list[str]:
-    """One line per headline metric: the difference to the baseline with its paired interval and, for right/wrong
-    scores, the flips and McNemar's p, so a reader of the card sees whether the difference is more than noise."""
+    """One line per headline metric: the difference to the baseline with its paired interval, for right/wrong scores
+    the flips and McNemar's p, so a reader of the card sees whether the difference is more than noise, and how many
+    documents both models answered identically."""
     from .eval_tasks import is_primary_metric
     from .paired_stats import CONFIDENCE
 
@@ -120,5 +121,7 @@ def paired_summary(rows: list) -> list[str]:
             line += (
                 f"; {paired.right_to_wrong} lost, {paired.wrong_to_right} gained (McNemar p = {paired.mcnemar_p:.3g})"
             )
+        if row.identical_answers is not None:
+            line += "; identical answers on {} of {} documents".format(*row.identical_answers)
         lines.append(line)
     return [*lines, ""] if lines else []

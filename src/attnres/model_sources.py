@@ -30,6 +30,19 @@ class ModelSource:
         return {"pretrained_model_name_or_path": str(self.directory or self.hub_id)}
 
 
+def loading_options(use_kernels: bool = False) -> dict:
+    """Options of every model load this project makes. transformers 5.25 made Hub kernels the default
+    (`use_kernels=None` means `True` unless `USE_HUB_KERNELS` says otherwise): on an accelerator, layers such as SiLU
+    are then swapped for kernels downloaded from the Hub at load time, which fails offline and would run a comparison
+    with kernels the user never chose. Every release this project supports (5.4 and newer) takes `use_kernels`, so it
+    is always passed: `False` unless the user asked (`--use-kernels`)."""
+    if use_kernels and importlib.util.find_spec("kernels") is None:
+        raise AttnResError(
+            "--use-kernels needs the kernels package (a dependency of transformers 5.25+): pip install kernels"
+        )
+    return {"use_kernels": use_kernels}
+
+
 def locate_model(name: str, *, flag: str = "model") -> ModelSource:
     """Tell a checkpoint directory, a GGUF file (or a directory holding exactly one, without a config.json) and a Hub
     id apart; anything else is an `AttnResError` that names `flag` and says what was expected."""
@@ -102,7 +115,7 @@ def dequantize_gguf(gguf_file: Path, output: Path) -> None:
         raise AttnResError("reading GGUF files needs the gguf package: pip install 'attnres[gguf]'")
     try:
         quantized = AutoModelForCausalLM.from_pretrained(
-            gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32
+            gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32, **loading_options()
         )
         tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
     except Exception as error:  # gguf raises what its parser meets (struct.error, KeyError, ValueError, ...)

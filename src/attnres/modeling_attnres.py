@@ -16,6 +16,7 @@
 # limitations under the License.
 """PyTorch AttnRes model: a Llama-family decoder with Attention Residuals (shipped as remote code)."""
 
+import contextlib
 import functools
 import re
 from collections.abc import Callable
@@ -576,6 +577,33 @@ def holds_full_parameters(module: nn.Module, device: torch.device) -> bool:
     return all(type(p) is nn.Parameter and p.device == device and p.numel() > 0 for p in module.parameters())
 
 
+class OffloadedLayerInputs(torch.autograd.graph.saved_tensors_hooks):
+    """`activation_checkpointing_enable(offload=True)` (transformers 5.23's option): the tensors that a checkpointed
+    layer saves for its recompute (its inputs) are held in host memory by torch's `save_on_cpu`, pinned on an
+    accelerator, except the completed-source buffers.
+
+    Every layer receives a view of those buffers. Offloading each view, as transformers' own `offload` does, would
+    copy every completed source once per layer: O(L·N·d) host memory and transfers per token (O(L²·d) in Full
+    AttnRes) for buffers that exist once, O(N·d), and stay on the device anyway for phase 1's backward
+    (`PhaseOneFunction`). They are saved by reference instead. On a CPU nothing is copied at all (`save_on_cpu`
+    without pinning keeps CPU tensors as they are)."""
+
+    def __init__(self, *shared: torch.Tensor) -> None:
+        device = shared[0].device
+        offload = torch.autograd.graph.save_on_cpu(pin_memory=device.type != "cpu", device_type=device.type)
+        shared_storages = {tensor.untyped_storage().data_ptr() for tensor in shared}
+
+        def pack(tensor: torch.Tensor):
+            if tensor.untyped_storage().data_ptr() in shared_storages:
+                return tensor
+            return offload.pack_hook(tensor)
+
+        def unpack(packed) -> torch.Tensor:
+            return packed if isinstance(packed, torch.Tensor) else offload.unpack_hook(packed)
+
+        super().__init__(pack, unpack)
+
+
 class AttnResDecoderLayer(GradientCheckpointingLayer):
     """One attention and one MLP sublayer, each reading its input through an AttnRes aggregation and keeping its
     PreNorm: `f_l(RMSNorm(h_l))`.
@@ -614,6 +642,11 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         # softmax as reading it as a completed source), so that both sublayers share one phase 1; the model then
         # commits the attention output.
         self.mlp_starts_block = config.sublayer_starts_block(mlp)
+
+    def is_recomputed(self) -> bool:
+        """Whether this call of the layer runs under activation checkpointing: the condition on which
+        `GradientCheckpointingLayer` (unchanged from transformers 5.4 to 5.25) checkpoints `forward`."""
+        return self.gradient_checkpointing and self.training and torch.is_grad_enabled()
 
     def depth_queries(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The pseudo-queries and key-norm scales of the layer's two aggregations (attention, MLP): fp32 `(2, hidden)`
@@ -687,6 +720,42 @@ class AttnResPreTrainedModel(PreTrainedModel):
         """The AttnRes parameters by name: the pseudo-query (`*_res_proj`) and key norm (`*_res_norm`) of every
         sublayer and of the output. They are what a PreNorm checkpoint lacks, and what healing a graft trains."""
         return {name: param for name, param in self.named_parameters() if ATTN_RES_PARAMETER.search(name)}
+
+    def activation_checkpointing_enable(
+        self, activation_checkpointing_kwargs: dict | None = None, every_n_layers: int = 1, offload: bool = False
+    ) -> None:
+        """Activation checkpointing, under the name and with the options of transformers 5.23 (where
+        `gradient_checkpointing_enable` is a deprecated alias that calls this) on every supported release.
+
+        Args:
+            activation_checkpointing_kwargs (`dict`, *optional*):
+                Passed to `torch.utils.checkpoint.checkpoint` (default `{"use_reentrant": False}`).
+            every_n_layers (`int`, *optional*, defaults to 1):
+                Checkpoint only decoder layers `0, n, 2n, ...`; the others keep their activations and share their
+                block's phase 1.
+            offload (`bool`, *optional*, defaults to `False`):
+                Hold what the checkpointed layers save for their recompute in host memory, except the shared
+                completed-source buffers (see `OffloadedLayerInputs`), so that the sources stay O(N·d).
+        """
+        if not isinstance(every_n_layers, int) or every_n_layers < 1:
+            raise ValueError(f"every_n_layers must be a positive integer, got {every_n_layers!r}")
+        if hasattr(PreTrainedModel, "activation_checkpointing_enable"):  # transformers >= 5.23
+            super().activation_checkpointing_enable(activation_checkpointing_kwargs)
+        else:
+            super().gradient_checkpointing_enable(activation_checkpointing_kwargs)
+        decoder_layers = [module for module in self.modules() if isinstance(module, AttnResDecoderLayer)]
+        for index, layer in enumerate(decoder_layers):
+            layer.gradient_checkpointing = index % every_n_layers == 0
+        for module in self.modules():
+            if isinstance(module, AttnResModel):
+                module.offloads_checkpointed_inputs = offload
+
+    def activation_checkpointing_disable(self) -> None:
+        """Switch activation checkpointing off, under transformers 5.23's name on every supported release."""
+        if hasattr(PreTrainedModel, "activation_checkpointing_disable"):  # transformers >= 5.23
+            super().activation_checkpointing_disable()
+        else:
+            super().gradient_checkpointing_disable()
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -762,7 +831,7 @@ class AttnResModel(AttnResPreTrainedModel):
         self.output_attn_res_norm = AttnResKeyNorm(config.hidden_size)
         self.final_input = AttnResAggregation(config)
         self.rotary_emb = AttnResRotaryEmbedding(config=config)
-        self.gradient_checkpointing = False
+        self.offloads_checkpointed_inputs = False  # set by `activation_checkpointing_enable(offload=True)`
         self.has_sliding_layers = "sliding_attention" in config.layer_types
         # the completed sources the final output reads (the last partial sum is merged in, never committed)
         self.max_completed_sources = config.num_depth_sources(output) - 1
@@ -821,6 +890,7 @@ class AttnResModel(AttnResPreTrainedModel):
         # The completed sources live in one buffer, each written once, when it completes.
         sources = inputs_embeds.new_empty(self.max_completed_sources, *inputs_embeds.shape)
         sources_inv_rms = inputs_embeds.new_empty(sources.shape[:-1], dtype=torch.float32)
+        offload = OffloadedLayerInputs(sources, sources_inv_rms) if self.offloads_checkpointed_inputs else None
         completed = 0
         hidden_states = inputs_embeds
         for block in self.blocks():
@@ -828,14 +898,15 @@ class AttnResModel(AttnResPreTrainedModel):
             completed += 1
             block_reads = self.read_block(block, sources[:completed], sources_inv_rms[:completed])
             for layer, depth_reads in zip(block, block_reads):
-                hidden_states, attention_output = layer(
-                    hidden_states,
-                    sources[:completed],
-                    sources_inv_rms[:completed],
-                    depth_reads=depth_reads,
-                    attention_mask=causal_mask_mapping[layer.attention_type],
-                    **layer_kwargs,
-                )
+                with offload if offload is not None and layer.is_recomputed() else contextlib.nullcontext():
+                    hidden_states, attention_output = layer(
+                        hidden_states,
+                        sources[:completed],
+                        sources_inv_rms[:completed],
+                        depth_reads=depth_reads,
+                        attention_mask=causal_mask_mapping[layer.attention_type],
+                        **layer_kwargs,
+                    )
                 if attention_output is not None:  # Full AttnRes
                     sources, sources_inv_rms = commit_source(
                         sources, sources_inv_rms, attention_output, completed, eps
@@ -862,20 +933,24 @@ class AttnResModel(AttnResPreTrainedModel):
     def read_block(
         self, block: list[AttnResDecoderLayer], sources: torch.Tensor, sources_inv_rms: torch.Tensor
     ) -> list:
-        """Phase 1 for every aggregation of `block` at once (Algorithm 1: a block's queries share one read of the
-        sources), as each layer's two reads; `None` for a layer that must compute its own. That is the case under
-        activation checkpointing (a recomputed layer recomputes its phase 1 from its own inputs, keeping only the
-        partial sum per layer, paper §4.1) and wherever the model may not read the layers' parameters from outside
-        their forward (FSDP, ZeRO-3, offloading: see `holds_full_parameters`)."""
-        own_reads = [None] * len(block)
-        if len(block) == 1 or (self.gradient_checkpointing and self.training):
-            return own_reads
+        """Phase 1 for the aggregations of `block` at once (Algorithm 1: a block's queries share one read of the
+        sources), as each layer's two reads; `None` for a layer that must compute its own. That is a layer that
+        activation checkpointing recomputes (it recomputes its phase 1 from its own inputs, keeping only the partial
+        sum per layer, paper §4.1; with transformers 5.23's `every_n_layers` only some layers are), and every layer
+        where the model may not read the layers' parameters from outside their forward (FSDP, ZeRO-3, offloading: see
+        `holds_full_parameters`)."""
+        reads = [None] * len(block)
         if not all(holds_full_parameters(layer, sources.device) for layer in block):
-            return own_reads
-        queries, key_weights = zip(*(layer.depth_queries() for layer in block))
+            return reads
+        sharing = [index for index, layer in enumerate(block) if not layer.is_recomputed()]
+        if len(sharing) < 2:
+            return reads
+        queries, key_weights = zip(*(block[index].depth_queries() for index in sharing))
         implementation = ATTN_RES_IMPLEMENTATIONS[self.config.attn_res_implementation]
-        reads = implementation.read(sources, sources_inv_rms, torch.cat(queries), torch.cat(key_weights))
-        return [reads[i : i + 2] for i in range(0, len(reads), 2)]
+        shared = implementation.read(sources, sources_inv_rms, torch.cat(queries), torch.cat(key_weights))
+        for position, index in enumerate(sharing):
+            reads[index] = shared[2 * position : 2 * position + 2]
+        return reads
 
 
 class AttnResForCausalLM(AttnResPreTrainedModel, GenerationMixin):

@@ -2,7 +2,7 @@
 """`attnres train`: heal a grafted checkpoint, fine-tune an AttnRes model, or pre-train one from scratch, with Trainer.
 
 Everything is transformers' own machinery: flags are `TrainingArguments` (parsed by `HfArgumentParser`, so every
-Trainer option works: `--max_steps`, `--bf16`, `--gradient_checkpointing`, `--resume_from_checkpoint`, ...) plus
+Trainer option works: `--max_steps`, `--bf16`, `--activation_checkpointing`, `--resume_from_checkpoint`, ...) plus
 the dataclasses below; progress bars, logging, checkpointing and distributed training are Trainer's. The same
 command runs unchanged under `torchrun` or `accelerate launch` (DDP; FSDP on GPUs through `--fsdp`).
 
@@ -17,15 +17,19 @@ SmolLM2-135M (hidden 576), 2e-3 made the held-out loss worse within 30 steps, wh
 (benchmarks/results/smollm2*.md).
 """
 
+import dataclasses
 import logging
 import math
+import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 from typing import Literal
 
 import torch
+import transformers
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -38,12 +42,27 @@ from transformers import (
 
 from .configuration_attnres import AttnResConfig
 from .errors import AttnResError
+from .model_sources import loading_options
 from .modeling_attnres import AttnResForCausalLM
 from .paths import is_missing_local_path
 from .peft_support import attnres_lora_config, is_attn_res_parameter
 
 
 logger = logging.getLogger(__name__)
+
+# transformers 5.23 renamed Trainer's `--gradient_checkpointing[_kwargs]` to `--activation_checkpointing[_kwargs]` (the
+# old names still work there, with a FutureWarning, until v6). Earlier releases know only the old names, and there
+# `parse_arguments` passes the new ones on under them, so that one documented command works on every release.
+HAS_ACTIVATION_CHECKPOINTING_FLAGS = "activation_checkpointing" in {
+    f.name for f in dataclasses.fields(TrainingArguments)
+}
+NEW_CHECKPOINTING_FLAG = re.compile(r"^--activation([-_])checkpointing")
+TRAIN_EPILOG = (
+    "Activation checkpointing: --activation_checkpointing, with --activation_checkpointing_kwargs "
+    '\'{"every_n_layers": 2, "offload": true}\' for transformers 5.23\'s options (those two need 5.23 or newer). '
+    "These are transformers 5.23's names; on earlier releases attnres passes them on as "
+    "--gradient_checkpointing[_kwargs], the names those releases know (5.23+ still accept them, deprecated)."
+)
 
 TEXT_FORMATS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -63,6 +82,13 @@ class ModelArguments:
         metadata={"help": "pre-train from scratch: an AttnResConfig JSON file (needs --tokenizer; --train all)"},
     )
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer (default: the one saved with --model)"})
+    use_kernels: bool = field(
+        default=False,
+        metadata={
+            "help": "let transformers replace layers with kernels from the Hugging Face Hub (`use_kernels=True`, the "
+            "default of transformers 5.25+ when this flag is absent elsewhere; attnres loads without them)"
+        },
+    )
     train: Literal["attnres", "lora", "all"] = field(
         default="attnres", metadata={"help": "attnres: AttnRes parameters only; lora: LoRA + AttnRes; all: everything"}
     )
@@ -200,7 +226,9 @@ def load_model(model_args: ModelArguments, tokenizer):
                 f"--model {model_args.model} is a {config.model_type!r} model, not AttnRes: graft it first with "
                 f"`attnres convert {model_args.model} DST`, then train DST"
             )
-        model = AutoModelForCausalLM.from_pretrained(model_args.model, trust_remote_code=True, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_args.model, trust_remote_code=True, dtype=torch.float32, **loading_options(model_args.use_kernels)
+        )
     if model_args.train == "lora":
         from peft import get_peft_model
 
@@ -210,7 +238,12 @@ def load_model(model_args: ModelArguments, tokenizer):
             lora_dropout=model_args.lora_dropout,
             target_modules=LORA_TARGETS,
         )
-        return get_peft_model(model, config)
+        with warnings.catch_warnings():
+            # PEFT (0.21.0-0.21.2) reads `model.is_gradient_checkpointing`, which transformers 5.23 deprecated in
+            # favour of `is_activation_checkpointing`: a FutureWarning about PEFT's code that nobody running this
+            # command can act on.
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+            return get_peft_model(model, config)
     for name, param in model.named_parameters():
         param.requires_grad_(model_args.train == "all" or is_attn_res_parameter(name))
     return model
@@ -248,11 +281,23 @@ class AttnResTrainer(Trainer):
 
 
 def parse_arguments(argv: list[str]) -> tuple[ModelArguments, DataArguments, TrainingArguments]:
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments), prog="attnres train")
+    parser = HfArgumentParser(
+        (ModelArguments, DataArguments, TrainingArguments), prog="attnres train", epilog=TRAIN_EPILOG
+    )
+    if not HAS_ACTIVATION_CHECKPOINTING_FLAGS:
+        argv = [NEW_CHECKPOINTING_FLAG.sub(r"--gradient\1checkpointing", argument) for argument in argv]
     try:
-        return parser.parse_args_into_dataclasses(args=argv)
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
     except ValueError as error:  # the dataclasses' own validation of what the flags say (TrainingArguments' too)
         raise TrainingSetupError(str(error).strip().splitlines()[0]) from None
+    if not HAS_ACTIVATION_CHECKPOINTING_FLAGS and {"every_n_layers", "offload"} & set(
+        training_args.gradient_checkpointing_kwargs or {}
+    ):
+        raise TrainingSetupError(
+            f"every_n_layers and offload need transformers >= 5.23 (installed: {transformers.__version__}); "
+            "upgrade it, or leave them out of --activation_checkpointing_kwargs"
+        )
+    return model_args, data_args, training_args
 
 
 def train(
