@@ -10,10 +10,8 @@ import torch
 
 import attnres
 from attnres import AttnResForCausalLM
+from attnres.model_sources import REMOTE_CODE_FILES
 from tests.tiny_models import randomize_, tiny_config
-
-
-REMOTE_CODE_FILES = ("configuration_attnres.py", "modeling_attnres.py")
 
 
 def test_remote_code_files_import_only_torch_transformers_and_each_other():

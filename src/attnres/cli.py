@@ -79,7 +79,8 @@ def run_inspect(args: argparse.Namespace) -> int:
         raise AttnResError("--text needs --output DIR for the plots and tables")
     from .diagnostics import diagnose
 
-    print(diagnose(args.model, args.text, args.output, baseline=args.baseline, max_tokens=args.max_tokens))
+    print(diagnose(args.model, args.text, args.output, baseline=args.baseline, max_tokens=args.max_tokens,
+                   trust_remote_code=args.trust_remote_code))  # fmt: skip
     print(f"wrote {args.output}/depth_attention.png, magnitudes.png, diagnostics.md, diagnostics.json")
     return 0
 
@@ -104,6 +105,7 @@ def run_eval(args: argparse.Namespace) -> int:
         cache_dir=None if args.no_cache else args.cache_dir,
         allow_code_execution=args.allow_code_execution,
         use_kernels=args.use_kernels,
+        trust_remote_code=args.trust_remote_code,
         force=args.force,
         update_model_card=args.update_model_card,
         command=args.command_line,
@@ -165,6 +167,15 @@ def convert_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
 
 
+def trust_remote_code_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="run the Python code a checkpoint ships (config.json auto_map) when loading it; without it, only "
+        "transformers' and attnres' installed classes run (AttnRes checkpoints need nothing else)",
+    )
+
+
 def inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="checkpoint or config directory, config.json file, or Hub id")
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
@@ -173,6 +184,7 @@ def inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline", help="a PreNorm model to measure side by side, e.g. the graft's source")
     parser.add_argument("--output", type=Path, help="directory for the plots and tables (with --text)")
     parser.add_argument("--max-tokens", type=int, default=512, help="tokens of --text to use (default 512)")
+    trust_remote_code_argument(parser)
 
 
 def eval_arguments(parser: argparse.ArgumentParser) -> None:
@@ -188,6 +200,7 @@ def eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", default="auto", help="an integer or 'auto' (lm-eval's)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda, else mps, else cpu)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    trust_remote_code_argument(parser)
     parser.add_argument(
         "--use-kernels",
         action="store_true",

@@ -210,7 +210,7 @@ def read_source_config(source_dir: Path):
         if value is not None and (type(value) is not int or value < 1):
             raise ConversionError(f"{config_file}: {name} must be a positive integer, got {value!r}")
     try:
-        return AutoConfig.from_pretrained(source_dir)
+        return AutoConfig.from_pretrained(source_dir, trust_remote_code=False)  # its auto_map code never runs
     except (StrictDataclassError, ValueError, TypeError, KeyError, ArithmeticError) as error:  # transformers' checks
         raise ConversionError(f"{config_file} is not a valid {model_type} config: {one_line(error)}") from None
 
@@ -484,7 +484,8 @@ def verify_graft(
     located = locate_model(str(source), flag="SRC")
     destination = Path(destination)
     if any((destination / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        input_ids = AutoTokenizer.from_pretrained(destination)(text, return_tensors="pt").input_ids
+        tokenizer = AutoTokenizer.from_pretrained(destination, trust_remote_code=False)
+        input_ids = tokenizer(text, return_tensors="pt").input_ids
     else:  # no tokenizer: any token ids make the comparison
         input_ids = torch.arange(32)[None] % AttnResConfig.from_pretrained(destination).vocab_size
     base = AutoModelForCausalLM.from_pretrained(

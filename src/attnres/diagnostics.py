@@ -189,13 +189,21 @@ def _short(name: str) -> str:
     return name.split(":")[0] if name.startswith("block") else name
 
 
-def diagnose(model: str, text_file: Path, output: Path, *, baseline: str | None = None, max_tokens: int = 512) -> str:
+def diagnose(
+    model: str,
+    text_file: Path,
+    output: Path,
+    *,
+    baseline: str | None = None,
+    max_tokens: int = 512,
+    trust_remote_code: bool = False,
+) -> str:
     """`attnres inspect --text`: measure `model` (and `baseline`) on the first `max_tokens` tokens of `text_file` and
     write depth_attention.png, magnitudes.png, diagnostics.md and diagnostics.json into `output`; returns the table."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .errors import AttnResError
-    from .model_sources import loading_options, locate_model
+    from .model_sources import check_model_code, loading_options, locate_model
     from .paths import check_replaceable, staged_directory
 
     if max_tokens < 1:
@@ -206,7 +214,12 @@ def diagnose(model: str, text_file: Path, output: Path, *, baseline: str | None 
     sources = {"AttnRes": locate_model(model, flag="model")}
     if baseline is not None:
         sources["baseline"] = locate_model(baseline, flag="--baseline")
-    tokenizer = AutoTokenizer.from_pretrained(**sources["AttnRes"].from_pretrained_kwargs(), trust_remote_code=True)
+    for flag, source in zip(("model", "--baseline"), sources.values()):
+        check_model_code(source, flag=flag, trust_remote_code=trust_remote_code)
+    loading = loading_options(trust_remote_code=trust_remote_code)
+    tokenizer = AutoTokenizer.from_pretrained(
+        **sources["AttnRes"].from_pretrained_kwargs(), trust_remote_code=trust_remote_code
+    )
     text = text_file.read_text(errors="replace")
     input_ids = tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens]
     if input_ids.shape[1] < 2:
@@ -214,7 +227,7 @@ def diagnose(model: str, text_file: Path, output: Path, *, baseline: str | None 
     runs = []
     for label, source in sources.items():
         loaded = AutoModelForCausalLM.from_pretrained(
-            **source.from_pretrained_kwargs(), trust_remote_code=True, dtype=torch.float32, **loading_options()
+            **source.from_pretrained_kwargs(), dtype=torch.float32, **loading
         )
         runs.append(collect(loaded, input_ids, f"{label}: {Path(source.name).name}"))
         del loaded

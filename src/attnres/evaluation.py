@@ -1,8 +1,9 @@
 # Copyright 2026 The attnres authors. Licensed under the Apache License, Version 2.0.
 """`attnres eval`: run the benchmark suite with lm-eval's Python API and compare a baseline with an AttnRes model.
 
-Three steps, each a function: `evaluate_model` wraps each model in lm-eval's `HFLM` (`trust_remote_code=True`, so
-AttnRes checkpoints load as remote code) and runs `simple_evaluate` on the task configs `eval_tasks` writes;
+Three steps, each a function: `evaluate_model` wraps each model in lm-eval's `HFLM` (with `loading_options`: no
+checkpoint's own code unless `--trust-remote-code`, no Hub kernels unless `--use-kernels`) and runs
+`simple_evaluate` on the task configs `eval_tasks` writes;
 `comparison_rows` pairs the two models' scores, their per-document scores for paired statistics (`paired_stats`:
 bootstrap interval of the difference, flips, McNemar's test) and their per-document answers (`identical_answers`: how
 many documents got the same answer from both); `write_report` renders results.md, results.json, the per-document
@@ -25,7 +26,7 @@ from pathlib import Path
 from .errors import AttnResError
 from .eval_tasks import BenchmarkTask, PreparedTasks, check_requirements, is_primary_metric, write_task_configs
 from .model_card import RESULTS_START, fill_results
-from .model_sources import loading_options, locate_model
+from .model_sources import check_model_code, loading_options, locate_model
 from .paired_stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE, PairedStatistics, paired_statistics
 from .paths import check_replaceable, staged_directory
 
@@ -59,9 +60,10 @@ class ComparisonRow:
         return {**asdict(self), "delta": self.delta}
 
 
-def resolve_model(name: str, flag: str) -> str:
-    """What HFLM loads for `name`: a local checkpoint directory (absolute) or a Hub id."""
+def resolve_model(name: str, flag: str, trust_remote_code: bool) -> str:
+    """What HFLM loads for `name`: a local checkpoint directory (absolute) or a Hub id (`check_model_code` first)."""
     located = locate_model(name, flag=flag)
+    check_model_code(located, flag=flag, trust_remote_code=trust_remote_code)
     if located.gguf_file is not None:
         raise AttnResError(
             f"{flag} {name!r} is a GGUF file; convert it first (`attnres fetch --transformers-dir`, or `attnres "
@@ -131,7 +133,7 @@ def evaluate_model(
     cache_dir: Path | None,
     allow_code_execution: bool,
     label: str,
-    use_kernels: bool = False,
+    loading: dict,
 ) -> dict | None:
     """lm-eval's full results for one model (`simple_evaluate`'s return value), with its per-document records moved
     to `results["samples"]` in the compact form `sample_records` gives; `None` on the processes of a distributed run
@@ -145,19 +147,19 @@ def evaluate_model(
         os.environ.setdefault("ACCELERATE_USE_CPU", "true")
     lm = HFLM(
         pretrained=model,
-        trust_remote_code=True,
         backend="causal",
         dtype=dtype,
         batch_size=batch_size,
         device=device,
-        **loading_options(use_kernels),  # passed on to from_pretrained
+        **loading,  # passed on to from_pretrained
     )
     split_requests_across_processes(lm)
     cache = None
     if cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        kernels = "hub-kernels-" if use_kernels else ""  # kernels compute differently: their answers apart
-        cache = str(cache_dir / f"{label}-{kernels}{model_fingerprint(model, dtype)}")
+        # what runs differently (Hub kernels, a checkpoint's own code) keeps its answers apart
+        switches = "".join(f"{option}-" for option, value in sorted(loading.items()) if value)
+        cache = str(cache_dir / f"{label}-{switches}{model_fingerprint(model, dtype)}")
     logger.info("evaluating %s (%s)", model, label)
     results = simple_evaluate(
         model=lm,
@@ -538,6 +540,7 @@ def run_eval(
     cache_dir: Path | None = None,
     allow_code_execution: bool = False,
     use_kernels: bool = False,
+    trust_remote_code: bool = False,
     force: bool = False,
     update_model_card: bool = False,
     command: str = "",
@@ -552,9 +555,10 @@ def run_eval(
     if any(task.runs_code for task in tasks) and not allow_code_execution:
         raise AttnResError(REFUSAL)
     check_requirements(tasks)
-    models = {"attnres": resolve_model(model, "--model")}
+    loading = loading_options(use_kernels=use_kernels, trust_remote_code=trust_remote_code)
+    models = {"attnres": resolve_model(model, "--model", trust_remote_code)}
     if baseline:
-        models = {"baseline": resolve_model(baseline, "--baseline"), **models}
+        models = {"baseline": resolve_model(baseline, "--baseline", trust_remote_code), **models}
     output = output.expanduser()
     check_replaceable(output.absolute(), force=force, flag="--output")
     card_path = Path(models["attnres"]) / "README.md"
@@ -569,7 +573,7 @@ def run_eval(
             prepared = write_task_configs(tasks, Path(task_dir), num_fewshot=num_fewshot, data_dir=data_dir)
             settings = dict(limit=limit, batch_size=batch_size, device=device, dtype=dtype, max_gen_toks=max_gen_toks,
                             cache_dir=cache_dir, allow_code_execution=allow_code_execution,
-                            use_kernels=use_kernels)  # fmt: skip
+                            loading=loading)  # fmt: skip
             outputs = {
                 label: evaluate_model(name, prepared, label=label, **settings) for label, name in models.items()
             }

@@ -43,7 +43,8 @@ def read_config(name: str) -> AttnResConfig:
             config = AttnResConfig.from_json_file(path)
         else:
             located = locate_model(name)
-            config = AutoConfig.from_pretrained(located.directory or located.hub_id or located.gguf_file.parent)
+            source = located.directory or located.hub_id or located.gguf_file.parent
+            config = AutoConfig.from_pretrained(source, trust_remote_code=False)  # AttnRes configs are registered
     except (OSError, ValueError, TypeError, StrictDataclassError) as error:
         reason = " ".join(line.strip() for line in str(error).splitlines()[:2])
         raise AttnResError(f"cannot read a config from {name!r}: {reason}") from None

@@ -3,6 +3,8 @@
 once (`locate_model`) and turned into a local transformers checkpoint when one is needed (`local_checkpoint`)."""
 
 import importlib.util
+import json
+import logging
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -12,6 +14,12 @@ from pathlib import Path
 
 from .errors import AttnResError
 from .paths import is_missing_local_path
+
+
+logger = logging.getLogger(__name__)
+
+# The files `save_pretrained` ships with every AttnRes checkpoint as remote code.
+REMOTE_CODE_FILES = ("configuration_attnres.py", "modeling_attnres.py")
 
 
 @dataclass(frozen=True)
@@ -30,17 +38,81 @@ class ModelSource:
         return {"pretrained_model_name_or_path": str(self.directory or self.hub_id)}
 
 
-def loading_options(use_kernels: bool = False) -> dict:
-    """Options of every model load this project makes. transformers 5.25 made Hub kernels the default
-    (`use_kernels=None` means `True` unless `USE_HUB_KERNELS` says otherwise): on an accelerator, layers such as SiLU
-    are then swapped for kernels downloaded from the Hub at load time, which fails offline and would run a comparison
-    with kernels the user never chose. Every release this project supports (5.4 and newer) takes `use_kernels`, so it
-    is always passed: `False` unless the user asked (`--use-kernels`)."""
+def loading_options(*, use_kernels: bool = False, trust_remote_code: bool = False) -> dict:
+    """Options of every model load this project makes.
+
+    - `use_kernels`: transformers 5.25 made Hub kernels the default (`use_kernels=None` means `True` unless
+      `USE_HUB_KERNELS` says otherwise): on an accelerator, layers such as SiLU are then swapped for kernels downloaded
+      from the Hub at load time, which fails offline and would run a comparison with kernels the user never chose.
+      Every release this project supports (5.4 and newer) takes `use_kernels`, so it is always passed: `False` unless
+      the user asked (`--use-kernels`).
+    - `trust_remote_code`: the Python files a checkpoint's `auto_map` names run only if the user said so
+      (`--trust-remote-code`). AttnRes checkpoints need none: `import attnres` registers the installed classes
+      (`check_model_code` says when a checkpoint ships different ones)."""
     if use_kernels and importlib.util.find_spec("kernels") is None:
         raise AttnResError(
             "--use-kernels needs the kernels package (a dependency of transformers 5.25+): pip install kernels"
         )
-    return {"use_kernels": use_kernels}
+    return {"use_kernels": use_kernels, "trust_remote_code": trust_remote_code}
+
+
+def check_model_code(source: "ModelSource", *, flag: str, trust_remote_code: bool) -> None:
+    """Before a local checkpoint loads, say which code will run where its config.json names its own (`auto_map`).
+
+    - An AttnRes checkpoint runs the installed attnres classes; if the `.py` files it ships differ from them, one line
+      says so (with `--trust-remote-code`, transformers decides: 5.4 runs the shipped files, 5.25 prefers the classes
+      `import attnres` registered).
+    - Another model type that transformers knows runs transformers' classes without `--trust-remote-code`: one line
+      says that the checkpoint's own code is ignored.
+    - A model type that only its own code defines cannot load without `--trust-remote-code`: refused, naming the flag.
+
+    A Hub id is not read here: transformers reads its config and, for code it would have to run, refuses with the same
+    advice."""
+    if source.directory is None:
+        return
+    try:
+        config = json.loads((source.directory / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # unreadable: the load itself reports it
+    auto_map = config.get("auto_map") if isinstance(config, dict) else None
+    if not auto_map:
+        return
+    model_type = config.get("model_type")
+    if model_type == "attnres":
+        installed = Path(__file__).parent
+        differing = [
+            name
+            for name in REMOTE_CODE_FILES
+            if (source.directory / name).is_file()
+            and (source.directory / name).read_bytes() != (installed / name).read_bytes()
+        ]
+        if differing:
+            # With consent, which runs is transformers' choice: 5.25 prefers registered classes, 5.4 the shipped ones.
+            runs = (
+                "transformers may run the shipped files (--trust-remote-code)"
+                if trust_remote_code
+                else ("the installed code runs")
+            )
+            logger.warning(
+                "%s %s ships %s that differ from those of the installed attnres; %s",
+                flag, source.name, ", ".join(differing), runs,
+            )  # fmt: skip
+        return
+    if trust_remote_code:
+        return
+    from transformers import CONFIG_MAPPING
+
+    if model_type in CONFIG_MAPPING:
+        logger.warning(
+            "%s %s: its config.json names code of its own (auto_map), which runs only with --trust-remote-code; "
+            "transformers' built-in %r classes are used instead",
+            flag, source.name, model_type,
+        )  # fmt: skip
+        return
+    raise AttnResError(
+        f"{flag} {source.name!r} is a {model_type!r} model defined only by the Python code it ships (config.json "
+        "auto_map), which attnres runs only with --trust-remote-code; pass it if you trust that code"
+    )
 
 
 def locate_model(name: str, *, flag: str = "model") -> ModelSource:

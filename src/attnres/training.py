@@ -42,7 +42,7 @@ from transformers import (
 
 from .configuration_attnres import AttnResConfig
 from .errors import AttnResError
-from .model_sources import loading_options
+from .model_sources import check_model_code, loading_options, locate_model
 from .modeling_attnres import AttnResForCausalLM
 from .paths import is_missing_local_path
 from .peft_support import attnres_lora_config, is_attn_res_parameter
@@ -82,6 +82,12 @@ class ModelArguments:
         metadata={"help": "pre-train from scratch: an AttnResConfig JSON file (needs --tokenizer; --train all)"},
     )
     tokenizer: str | None = field(default=None, metadata={"help": "tokenizer (default: the one saved with --model)"})
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={
+            "help": "run the Python code a checkpoint ships (config.json auto_map); AttnRes checkpoints need none"
+        },
+    )
     use_kernels: bool = field(
         default=False,
         metadata={
@@ -218,7 +224,7 @@ def load_model(model_args: ModelArguments, tokenizer):
         model = AttnResForCausalLM(config)
     else:
         try:
-            config = AutoConfig.from_pretrained(model_args.model, trust_remote_code=True)
+            config = AutoConfig.from_pretrained(model_args.model, trust_remote_code=model_args.trust_remote_code)
         except (OSError, ValueError) as error:
             raise TrainingSetupError(f"--model {model_args.model}: cannot read its config ({error})") from error
         if config.model_type != "attnres":
@@ -226,9 +232,8 @@ def load_model(model_args: ModelArguments, tokenizer):
                 f"--model {model_args.model} is a {config.model_type!r} model, not AttnRes: graft it first with "
                 f"`attnres convert {model_args.model} DST`, then train DST"
             )
-        model = AutoModelForCausalLM.from_pretrained(
-            model_args.model, trust_remote_code=True, dtype=torch.float32, **loading_options(model_args.use_kernels)
-        )
+        loading = loading_options(use_kernels=model_args.use_kernels, trust_remote_code=model_args.trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(model_args.model, dtype=torch.float32, **loading)
     if model_args.train == "lora":
         from peft import get_peft_model
 
@@ -308,9 +313,12 @@ def train(
     if tokenizer_source is None:
         raise TrainingSetupError("--init_config needs --tokenizer (a tokenizer directory or Hub id)")
     check_output_dir(Path(training_args.output_dir), model_args.model)
+    if model_args.model is not None:
+        located = locate_model(model_args.model, flag="--model")
+        check_model_code(located, flag="--model", trust_remote_code=model_args.trust_remote_code)
     if training_args.fsdp and (training_args.use_cpu or not torch.accelerator.is_available()):
         raise TrainingSetupError(fsdp_unavailable("the CPU"))
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=model_args.trust_remote_code)
     train_blocks, validation_blocks = tokenize_into_blocks(
         load_text_dataset(data_args), tokenizer, data_args, training_args
     )
