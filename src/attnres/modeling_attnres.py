@@ -940,10 +940,8 @@ class AttnResModel(AttnResPreTrainedModel):
         where the model may not read the layers' parameters from outside their forward (FSDP, ZeRO-3, offloading: see
         `holds_full_parameters`)."""
         reads = [None] * len(block)
-        if not all(holds_full_parameters(layer, sources.device) for layer in block):
-            return reads
         sharing = [index for index, layer in enumerate(block) if not layer.is_recomputed()]
-        if len(sharing) < 2:
+        if len(sharing) < 2 or not all(holds_full_parameters(layer, sources.device) for layer in block):
             return reads
         queries, key_weights = zip(*(block[index].depth_queries() for index in sharing))
         implementation = ATTN_RES_IMPLEMENTATIONS[self.config.attn_res_implementation]
