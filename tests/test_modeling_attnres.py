@@ -408,9 +408,11 @@ def test_block_activation_memory_grows_linearly_with_the_number_of_blocks(checkp
         model = attnres_model("block", query_std=0.3, num_hidden_layers=16, attn_res_num_blocks=num_blocks).train()
         if checkpointing is not None:
             model.activation_checkpointing_enable(**checkpointing)
-        step_memory(model, ids)  # warm-up: lazily created state is not activation memory
-        model.zero_grad(set_to_none=True)
-        held[num_blocks] = step_memory(model, ids)[0]
+        measured = []
+        for _ in range(3):  # the least of three: lazily created state and stray allocations are not activations
+            model.zero_grad(set_to_none=True)
+            measured.append(step_memory(model, ids)[0])
+        held[num_blocks] = min(measured)
     growth = (held[16] - held[8]) / (held[8] - held[4])
     print(f"[memory] {checkpointing}: held bytes for N = 4, 8, 16: {held}; growth ratio {growth:.2f} (linear: 2)")
     assert 1.5 < growth < 2.5
