@@ -5,15 +5,16 @@ lm-eval's stock HumanEval and MBPP metrics call `evaluate.load("code_eval")`, wh
 module replaces it so both run offline. Generated code is untrusted: nothing runs unless the user opted in
 (`attnres eval --allow-code-execution`, which sets `HF_ALLOW_CODE_EVAL=1`, the variable `code_eval` itself checks).
 
-Each program runs in a fresh `python -I` interpreter and temporary directory, with a clean environment, a wall-clock
-timeout and limits on CPU time, memory, file size, open files and core dumps. On Linux, where `unshare` (util-linux)
-can create namespaces, it also runs in network, PID and mount namespaces of its own (see `sandbox()`): no network,
-no view of other processes, everything it started killed with it, the evaluator's home and Hugging Face directories
-hidden and, unless it would run as root, a limit on the processes it starts. Where namespaces are unavailable,
-`sandbox()` logs once what is not contained.
+Each program runs in a fresh `python -I` interpreter, with a clean environment, a wall-clock timeout and limits on CPU
+time, memory, file size, open files and core dumps. On Linux, where `unshare` (util-linux) can create namespaces, it
+also runs in user, network, IPC, PID and mount namespaces of its own (see `sandbox()` and `_sandbox_supervisor`): no
+network, no view of other processes, everything it started killed with it, a read-only filesystem with the
+evaluator's home and Hugging Face directories hidden, a private /tmp, /var/tmp and /dev/shm that vanish with it, and
+a limit on the processes it starts that other candidates do not share. Where namespaces are unavailable, it runs in a
+temporary directory of its own and `sandbox()` logs once what is not contained.
 
 A program passes only if it ran to its end: the sentinel that `run_program` expects is written after the program
-returned, so `exit(0)`, `os._exit(0)` or an atexit hook do not pass wrong code (see `_BOOTSTRAP`).
+returned, so `exit(0)`, `os._exit(0)` or an atexit hook do not pass wrong code (see `_sandbox_supervisor`).
 """
 
 import contextlib
@@ -32,7 +33,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -49,9 +50,12 @@ DEFAULT_TIMEOUT_S = 10.0
 MEMORY_LIMIT_BYTES = 2 * 1024**3
 FILE_SIZE_LIMIT_BYTES = 16 * 1024**2
 OPEN_FILES_LIMIT = 64
-PROCESS_LIMIT = 64  # processes and threads (RLIMIT_NPROC)
+PROCESS_LIMIT = 64  # processes and threads (RLIMIT_NPROC), per candidate
+SCRATCH_SPACE_BYTES = 64 * 1024**2  # the private /tmp, /var/tmp and /dev/shm together
+SCRATCH_FILES = 16384  # files and directories in them (tmpfs inodes)
 STDERR_TAIL_BYTES = 8 * 1024  # enough for the last line of a traceback, however much a program writes
 UNPRIVILEGED_ID = 65534  # "nobody", the user and group a root evaluator's candidates run as
+SUPERVISOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_sandbox_supervisor.py")
 _PROBE_TIMEOUT_S = 30.0
 # Checks what candidates need: the interpreter's own files (imports, a subprocess) and a writable working directory.
 _PROBE_PROGRAM = (
@@ -79,8 +83,6 @@ class Sandbox:
     description: str
     command: tuple[str, ...] = ()  # the `unshare` prefix that creates the namespaces; empty without isolation
     user: int | None = None  # the uid and gid a root evaluator's candidates switch to
-    limits_processes: bool = False
-    hides_directories: bool = False
 
     @property
     def isolated(self) -> bool:
@@ -102,111 +104,28 @@ def pass_at_k(num_samples: int, num_correct: int, k: int) -> float:
     return 1.0 - math.prod(1.0 - k / n for n in range(num_samples - num_correct + 1, num_samples + 1))
 
 
-# Runs in the child interpreter, as PID 1 of the candidate's PID namespace when isolated. It is a small supervisor:
-# it hides directories, forks the candidate and exits with the candidate's status, or 128 + N if signal N ended it
-# (as a shell does): a namespace's PID 1 ignores the signals it has no handler for, SIGXCPU from the CPU limit
-# included, so the program must not run as PID 1 itself. The candidate caps its resources (here rather than in a
-# `preexec_fn`, which is unsafe with the worker threads of `run_programs`), drops privileges, runs the program as
-# __main__ and, only if the program returned, writes the nonce it read from a pipe (then closed) to the result pipe
-# and exits at once, before atexit hooks. `exit(0)`, `os._exit(0)`, an exception or an atexit hook that exits with 0
-# never reach that write, so they fail, as in OpenAI's `check_correctness`. The nonce defends the score against
-# programs that end early, not against a program that deliberately searches its own interpreter's memory for it;
-# the namespaces and limits are the security boundary, not the sentinel.
-_BOOTSTRAP = r"""
-import ctypes, json, os, resource, runpy, sys
-
-MS_NOSUID, MS_NODEV, MS_BIND, MS_REC, CLONE_NEWUSER, PR_SET_NO_NEW_PRIVS = 2, 4, 4096, 16384, 0x10000000, 38
-libc = ctypes.CDLL(None, use_errno=True)
-config = json.loads(sys.argv[1])
-
-
-def check(status, action):
-    if status != 0:
-        error = ctypes.get_errno()
-        raise OSError(error, f"{action}: {os.strerror(error)}")
-
-
-def hide(directories, keep):
-    # An empty tmpfs covers each directory; the paths kept inside them are bound back in place through descriptors
-    # opened before they were covered.
-    kept = {path: os.open(path, os.O_PATH | os.O_DIRECTORY) for path in keep}
-    for directory in directories:
-        flags, options = MS_NOSUID | MS_NODEV, b"mode=755,size=1m"
-        check(libc.mount(b"attnres-hidden", directory.encode(), b"tmpfs", flags, options), f"hiding {directory}")
-    for path, descriptor in kept.items():
-        os.makedirs(path, exist_ok=True)
-        source = f"/proc/self/fd/{descriptor}".encode()
-        check(libc.mount(source, path.encode(), None, MS_BIND | MS_REC, None), f"keeping {path}")
-        os.close(descriptor)
-
-
-def run_candidate():
-    nonce = os.read(config["nonce_fd"], 64)
-    os.close(config["nonce_fd"])
-    os.set_inheritable(config["result_fd"], False)  # programs the candidate executes do not get it
-    for name, soft, hard in config["limits"]:
-        limit = getattr(resource, name)
-        ceiling = resource.getrlimit(limit)[1]
-        if ceiling != resource.RLIM_INFINITY:
-            soft, hard = min(soft, ceiling), min(hard, ceiling)
-        resource.setrlimit(limit, (soft, hard))
-    if config["user"] is not None:
-        os.setgroups([])
-        os.setresgid(config["user"], config["user"], config["user"])
-        os.setresuid(config["user"], config["user"], config["user"])
-        check(libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "setting no_new_privs")  # no way back through setuid files
-    if config["own_user_namespace"]:
-        # With no capability left in the user namespace that owns the mounts, it cannot unmount what hides directories.
-        check(libc.unshare(CLONE_NEWUSER), "entering a user namespace")
-    sys.argv = [config["script"]]
-    runpy.run_path(config["script"], run_name="__main__")
-    os.write(config["result_fd"], nonce)
-    os._exit(0)
-
-
-os.umask(0o022)  # directories created to hold kept paths must be traversable by the candidate
-if config["hide"]:
-    hide(config["hide"], config["keep"])
-candidate = os.fork()
-if candidate == 0:
-    run_candidate()
-os.close(config["nonce_fd"])
-os.close(config["result_fd"])
-status = os.waitstatus_to_exitcode(os.waitpid(candidate, 0)[1])
-os._exit(status if status >= 0 else 128 - status)
-"""
-
-
 def _sandboxes_to_try() -> list[Sandbox]:
     """The isolations this machine may allow, strongest first.
 
-    RLIMIT_NPROC counts the processes of a real user, per user namespace, and never stops root (uid 0 outside any user
-    namespace, which `unshare --map-root-user` maps back to). So a root evaluator first tries to run candidates as
-    nobody in network, PID and mount namespaces it creates without a user namespace; a plain user, or root where that
-    fails, gets a user namespace too (then the count covers one candidate's processes only).
+    Each candidate gets a user namespace of its own (the supervisor maps one user into it), so that RLIMIT_NPROC,
+    which counts per user and user namespace, counts that candidate's processes only. A root evaluator first runs
+    the supervisor as root in network, IPC, PID and mount namespaces it creates without a user namespace, and its
+    candidates as nobody; a plain user, or root where nobody cannot run the interpreter, runs the supervisor in a user
+    namespace too, as root there, and its candidates as itself.
     """
     unshare = shutil.which("unshare")
     if sys.platform != "linux" or unshare is None:
         return []
-    namespaces = ("--net", "--pid", "--fork", "--mount-proc", "--kill-child")  # --kill-child: the PID 1 dies with it
+    # --mount-proc implies a mount namespace, made private (unshare's default), so no mount reaches the host;
+    # --kill-child: the PID 1 dies with unshare.
+    namespaces = ("--net", "--ipc", "--pid", "--fork", "--mount-proc", "--kill-child")
     sandboxes = []
     if os.geteuid() == 0:
         sandboxes.append(
-            Sandbox(
-                "network, PID and mount namespaces, as nobody",
-                (unshare, *namespaces),
-                user=UNPRIVILEGED_ID,
-                limits_processes=True,
-                hides_directories=True,
-            )
+            Sandbox("user, network, IPC, PID and mount namespaces, as nobody", (unshare, *namespaces), UNPRIVILEGED_ID)
         )
     sandboxes.append(
-        Sandbox(
-            "user, network, PID and mount namespaces",
-            (unshare, "--map-root-user", *namespaces),
-            limits_processes=os.geteuid() != 0,
-            hides_directories=True,
-        )
+        Sandbox("user, network, IPC, PID and mount namespaces", (unshare, "--map-root-user", *namespaces))
     )
     return sandboxes
 
@@ -229,9 +148,9 @@ def _probe_sandbox() -> Sandbox:
             if os.geteuid() == 0 and option.user is None:
                 logger.warning(
                     "Code execution: candidates cannot run as an unprivileged user (%s), so they run as root in their "
-                    "own user, network, PID and mount namespaces: they can read and write every file root owns "
-                    "outside the hidden home and Hugging Face directories, and the number of processes they start is "
-                    "not limited (RLIMIT_NPROC does not apply to root).",
+                    "own user, network, IPC, PID and mount namespaces: the filesystem is read-only to them, but they "
+                    "can read every file root owns outside the hidden home and Hugging Face directories, and the "
+                    "number of processes they start is not limited (RLIMIT_NPROC does not apply to root).",
                     "; ".join(failures),
                 )
             return option
@@ -239,10 +158,10 @@ def _probe_sandbox() -> Sandbox:
     user = _user_name()
     logger.warning(
         "Code execution: candidates run WITHOUT namespace isolation (%s). They run as %s, with the network, every "
-        "file %s can read or write (its home and Hugging Face token included) and every process of %s (this "
-        "evaluator included: its environment, memory and signals); processes they move out of their process group "
-        "can outlive the timeout, and the number of processes they start is not limited. Evaluate untrusted models "
-        "in a container or VM.",
+        "file %s can read or write (its home and Hugging Face token included), each other's files and every "
+        "process of %s (this evaluator included: its environment, memory and signals); processes they move out of "
+        "their process group can outlive the timeout, and the number of processes they start is not limited. "
+        "Evaluate untrusted models in a container or VM.",
         "; ".join(failures) or "unshare (util-linux) on Linux is needed",
         user,
         user,
@@ -268,9 +187,12 @@ def run_program(program: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> Execution
 def _run(program: str, timeout_s: float, isolation: Sandbox) -> ExecutionResult:
     deadline = time.monotonic() + timeout_s
     nonce = secrets.token_hex(16).encode()
-    with tempfile.TemporaryDirectory(prefix="attnres-exec-") as workdir:
-        script = _write_program(workdir, program, isolation.user)
-        process, result_reader = _start(isolation, workdir, script, nonce, timeout_s)
+    # The program reaches the supervisor through an unlinked file, out of every other candidate's reach.
+    with _working_directory(isolation) as workdir, tempfile.TemporaryFile() as source:
+        source.write(program.encode("utf-8"))
+        source.flush()
+        source.seek(0)
+        process, result_reader = _start(isolation, workdir, source.fileno(), nonce, timeout_s)
         with process:
             try:
                 stderr_tail, sentinel, finished = _read_until_exit(process, result_reader, deadline)
@@ -283,6 +205,22 @@ def _run(program: str, timeout_s: float, isolation: Sandbox) -> ExecutionResult:
     if not finished:
         return ExecutionResult(False, "timed out", f"no exit within {timeout_s:g}s")
     return _verdict(process.returncode, sentinel == nonce, stderr_tail)
+
+
+@contextlib.contextmanager
+def _working_directory(isolation: Sandbox) -> Iterator[str]:
+    """Where the supervisor starts. An isolated candidate works in its private /tmp, so nothing is written on the
+    host; without isolation it gets a temporary directory, whose removal a candidate may foil (it runs as the same
+    user) but never turns into an error of the evaluator's (`TemporaryDirectory(ignore_cleanup_errors=True)` still
+    raises on Python 3.11 where resetting a permission fails)."""
+    if isolation.isolated:
+        yield "/"
+        return
+    directory = tempfile.mkdtemp(prefix="attnres-exec-")
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 def _verdict(returncode: int, ran_to_its_end: bool, stderr_tail: bytes) -> ExecutionResult:
@@ -298,44 +236,32 @@ def _verdict(returncode: int, ran_to_its_end: bool, stderr_tail: bytes) -> Execu
     return ExecutionResult(False, "failed", f"exit code {returncode}")
 
 
-def _write_program(workdir: str, program: str, user: int | None) -> str:
-    script = os.path.join(workdir, "candidate.py")
-    with open(script, "w", encoding="utf-8") as handle:
-        handle.write(program)
-    os.chmod(script, 0o644)
-    if user is not None:
-        os.chown(workdir, user, user)
-    return script
-
-
 def _start(
-    isolation: Sandbox, workdir: str, script: str, nonce: bytes, timeout_s: float
+    isolation: Sandbox, workdir: str, program_fd: int, nonce: bytes, timeout_s: float
 ) -> tuple[subprocess.Popen, int]:
-    """Start the bootstrap with the nonce waiting in one pipe and the other's write end; returns its read end."""
-    hide, keep = _hiding_plan(workdir) if isolation.hides_directories else ([], [])
+    """Start the supervisor with the program and the nonce waiting in descriptors and the result pipe's write end;
+    returns the result pipe's read end."""
     nonce_reader, nonce_writer = os.pipe()
     result_reader, result_writer = os.pipe()
     os.write(nonce_writer, nonce)
     os.close(nonce_writer)
     config = {
-        "script": script,
+        "program_fd": program_fd,
         "nonce_fd": nonce_reader,
         "result_fd": result_writer,
-        "limits": _resource_limits(timeout_s, isolation.limits_processes),
-        "user": isolation.user,
-        "own_user_namespace": isolation.isolated and isolation.user is None,
-        "hide": hide,
-        "keep": keep,
+        "limits": _resource_limits(timeout_s, isolation.isolated),
+        "identity": _identity(isolation),
+        "filesystem": _filesystem_plan() if isolation.isolated else None,
     }
     try:
         process = subprocess.Popen(
-            [*isolation.command, sys.executable, "-I", "-B", "-c", _BOOTSTRAP, json.dumps(config)],
+            [*isolation.command, sys.executable, "-I", "-B", SUPERVISOR, json.dumps(config)],
             cwd=workdir,
-            env={"PATH": os.environ.get("PATH", ""), "HOME": workdir, "TMPDIR": workdir, "PYTHONHASHSEED": "0"},
+            env={"PATH": os.environ.get("PATH", ""), "PYTHONHASHSEED": "0"},
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            pass_fds=(nonce_reader, result_writer),
+            pass_fds=(program_fd, nonce_reader, result_writer),
             start_new_session=True,  # its own process group, killed as a whole
         )
     except BaseException:
@@ -347,9 +273,22 @@ def _start(
     return process, result_reader
 
 
+def _identity(isolation: Sandbox) -> dict | None:
+    """Who the candidate is in its user namespace (`uid`, `gid`), and who that is in the supervisor's (`outer_*`):
+    nobody for a root evaluator; otherwise the evaluator's user, which the supervisor's user namespace maps to 0."""
+    if not isolation.isolated:
+        return None
+    if isolation.user is not None:
+        user = isolation.user
+        return {"uid": user, "gid": user, "outer_uid": user, "outer_gid": user, "clear_groups": True}
+    return {"uid": os.getuid(), "gid": os.getgid(), "outer_uid": 0, "outer_gid": 0, "clear_groups": False}
+
+
 def _resource_limits(timeout_s: float, limit_processes: bool) -> list[tuple[str, int, int]]:
     """The CPU limit is a backstop one second beyond the wall-clock timeout; if a busy loop reaches it first anyway,
-    the kernel sends SIGXCPU (then SIGKILL a second later), which `run_program` reports as a timeout."""
+    the kernel sends SIGXCPU (then SIGKILL a second later), which `run_program` reports as a timeout. Processes are
+    limited only in a user namespace of the candidate's own: elsewhere RLIMIT_NPROC would count every process of
+    the user."""
     cpu = math.ceil(timeout_s) + 1
     limits = [
         ("RLIMIT_CPU", cpu, cpu + 1),
@@ -363,16 +302,18 @@ def _resource_limits(timeout_s: float, limit_processes: bool) -> list[tuple[str,
     return limits
 
 
-def _hiding_plan(workdir: str) -> tuple[list[str], list[str]]:
-    """The directories to cover with an empty tmpfs, and the paths inside them the candidate needs (the interpreter,
-    its working directory), which are bound back.
+def _filesystem_plan() -> dict:
+    """What the supervisor hides and keeps: the directories to cover with an empty tmpfs, and the interpreter's
+    directories (its installation, and where `sys.executable` lies, which candidates run again), which are bound back
+    where they lie in a covered directory (or in /tmp, /var/tmp, /dev/shm).
 
     Hidden: the evaluator's home directories, its Hugging Face home and token directory (tokens, cached models) and
     its runtime directory (session sockets such as D-Bus), except the root directory and any that lies in a needed
     path.
     """
-    needed = {os.path.realpath(path) for path in (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)}
-    needed.add(os.path.realpath(workdir))
+    prefixes = (sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix)
+    needed = {os.path.realpath(path) for path in (*prefixes, os.path.dirname(os.path.abspath(sys.executable)))}
+    needed = {need for need in needed if not any(_within(need, other) for other in needed - {need})}
     home = os.path.expanduser("~")
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(home, ".cache")
     directories = [home, os.environ.get("HF_HOME") or os.path.join(cache, "huggingface")]
@@ -382,9 +323,12 @@ def _hiding_plan(workdir: str) -> tuple[list[str], list[str]]:
     hidden = {os.path.realpath(path) for path in directories if path and os.path.isdir(path)}
     hidden = {path for path in hidden if path != "/" and not any(_within(path, need) for need in needed)}
     hidden = {path for path in hidden if not any(_within(path, other) for other in hidden - {path})}
-    keep = {need for need in needed if any(_within(need, path) for path in hidden)}
-    keep = {need for need in keep if not any(_within(need, other) for other in keep - {need})}
-    return sorted(hidden), sorted(keep)
+    return {
+        "hide": sorted(hidden),
+        "needed": sorted(needed),
+        "scratch_bytes": SCRATCH_SPACE_BYTES,
+        "scratch_files": SCRATCH_FILES,
+    }
 
 
 def _within(path: str, directory: str) -> bool:
