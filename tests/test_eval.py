@@ -5,16 +5,20 @@ import contextlib
 import copy
 import io
 import json
+import logging
 import os
 import re
 import shutil
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+import attnres
 from attnres.cli import main
 from tests.conftest import recorded_model_loads
 from tests.eval_fixtures import write_benchmark_data, write_model_pair
@@ -356,12 +360,37 @@ MMLU_ROW_WITHOUT_CHOICES = json.dumps({"question": "q?", "subject": "anatomy", "
         (["--tasks", "mmlu", "--limit", "0"], {}, "--limit 0: must be a positive number of documents"),
         (["--tasks", "mmlu", "--max-gen-toks", "-1"], {}, "--max-gen-toks -1: must be a positive number of tokens"),
         (["--tasks", "mmlu", "--data-dir", "{root}/data/gsm8k/test.jsonl"], {}, "gsm8k/test.jsonl is not a directory"),
+        # lm-eval's own failures, after the model had loaded; a Hub id offline failed inside transformers:
+        (["--tasks", "mmlu", "--batch-size", "abc"], {}, "--batch-size 'abc': must be a positive integer, 'auto' or"),
+        (["--tasks", "mmlu", "--batch-size", "0"], {}, "--batch-size '0': must be a positive integer"),
+        (
+            ["--tasks", "mmlu", "--cache-dir", "{root}/data/gsm8k/test.jsonl"],
+            {},
+            "--cache-dir {root}/data/gsm8k/test.jsonl is not a directory; choose another --cache-dir, or pass --no-",
+        ),
+        (
+            ["--tasks", "mmlu", "--cache-dir", "{root}/data/gsm8k/test.jsonl/cache"],
+            {},
+            "--cache-dir {root}/data/gsm8k/test.jsonl/cache: {root}/data/gsm8k/test.jsonl is not a directory",
+        ),
+        (
+            ["--tasks", "mmlu", "--model", "some-org/not-there"],
+            {},
+            "--model 'some-org/not-there' is not a local path and could not be downloaded from the Hub",
+        ),
+        (
+            ["--tasks", "mmlu", "--baseline", "{root}/no-tokenizer"],
+            {},
+            "--baseline '{root}/no-tokenizer' has no tokenizer files",
+        ),
     ],
 )
 def test_bad_input_is_one_clear_line(workspace, tmp_path, capsys, change, bad_files, message):
     """Exit code 1, one line that names the problem, and nothing written: checked before any model loads."""
     root = workspace[0]
     (root / "empty" / "gpqa_diamond").mkdir(parents=True, exist_ok=True)
+    if not (root / "no-tokenizer").exists():
+        shutil.copytree(workspace[1], root / "no-tokenizer", ignore=shutil.ignore_patterns("tokenizer*"))
     args = eval_args(workspace, tmp_path / "out") + [item.format(root=root) for item in change]
     if bad_files:  # a copy of the fixture data with some files replaced
         shutil.copytree(workspace[3], tmp_path / "data")
@@ -370,5 +399,100 @@ def test_bad_input_is_one_clear_line(workspace, tmp_path, capsys, change, bad_fi
         args += ["--data-dir", str(tmp_path / "data")]
     assert main(args) == 1
     error = capsys.readouterr().err.strip()
-    assert error.startswith("attnres: error:") and message in error and "\n" not in error, error
+    assert error.startswith("attnres: error:") and message.format(root=root) in error and "\n" not in error, error
     assert sorted(path.name for path in tmp_path.iterdir()) == (["data"] if bad_files else [])
+
+
+def run_as_without_root_powers(command: list[str], **kwargs) -> subprocess.CompletedProcess:
+    """Run `command` as this user; as root, without the capabilities that let root write where permissions forbid it
+    (`setpriv` drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH), so that a read-only directory is one for it too."""
+    if os.geteuid() == 0:
+        probe = ["setpriv", "--bounding-set=-dac_override", "true"]
+        if shutil.which("setpriv") is None or subprocess.run(probe).returncode:
+            pytest.skip("running as root, which writes into read-only directories, and setpriv cannot drop that power")
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, **kwargs)
+
+
+def test_read_only_cache_dir_is_one_clear_line(workspace, tmp_path):
+    """lm-eval failed on a --cache-dir it cannot write only after loading the model, with a traceback. Really
+    read-only: the command runs in a process that cannot write there (see `run_as_without_root_powers`)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cache.chmod(0o555)
+    command = [sys.executable, "-m", "attnres", *eval_args(workspace, tmp_path / "out", "--tasks", "mmlu")]
+    env = {**os.environ, "PYTHONPATH": str(Path(attnres.__file__).parents[1])}  # this attnres, in the child too
+    result = run_as_without_root_powers([*command, "--cache-dir", str(cache)], env=env, cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (
+        f"attnres: error: --cache-dir {cache}: cannot write in {cache} (Permission denied); choose another "
+        "--cache-dir, or pass --no-cache to run without one\n"
+    )
+    assert list(cache.iterdir()) == [] and sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+def test_a_corrupt_response_cache_is_set_aside_and_rebuilt(workspace, tmp_path, caplog):
+    """A cache file that is not a SQLite database failed every later run (sqlite3.DatabaseError inside lm-eval):
+    it is moved aside with a one-line warning, and the run answers afresh and caches its answers anew."""
+    from attnres.evaluation import model_fingerprint
+
+    root, _, attnres_model, data = workspace
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    database = cache / f"attnres-{model_fingerprint(str(attnres_model), 'float32')}_rank0.db"
+    garbage = b"not a database, " * 256
+    database.write_bytes(garbage)
+    args = ["eval", "--model", str(attnres_model), "--data-dir", str(data), "--tasks", "mmlu", "--limit", "1",
+            "--output", str(tmp_path / "out"), "--cache-dir", str(cache), "--dtype", "float32"]  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="attnres.evaluation"), contextlib.redirect_stdout(io.StringIO()):
+        assert main(args) == 0
+    (set_aside,) = cache.glob(f"{database.name}.corrupt-*")
+    assert set_aside.read_bytes() == garbage
+    (warning,) = [record.getMessage() for record in caplog.records if record.name == "attnres.evaluation"]
+    assert "\n" not in warning and f"{database} cannot be used (file is not a database); moved it to " in warning
+    with contextlib.closing(sqlite3.connect(database)) as connection:  # the new cache holds this run's answers
+        assert connection.execute("select count(*) from unnamed").fetchone()[0] == 8  # 2 subjects x 1 doc x 4 choices
+    assert (tmp_path / "out" / "results.json").is_file()
+
+
+def sqlite_file(path: Path, rows: int = 500) -> Path:
+    """A SQLite database as sqlitedict writes it, large enough to have interior pages."""
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        connection.execute("create table unnamed (key text primary key, value blob)")
+        connection.executemany("insert into unnamed values (?, ?)", [(f"k{i}", b"x" * 300) for i in range(rows)])
+        connection.commit()
+    return path
+
+
+@pytest.mark.parametrize(
+    "damage, set_aside",
+    [
+        (None, False),
+        ("locked", False),  # another process is writing it: not this run's to move
+        ("garbage", True),  # SQLITE_NOTADB
+        ("truncated", True),  # SQLITE_CORRUPT when read
+        ("pages overwritten", True),  # opens, but SQLite's quick_check reports the damage
+    ],
+)
+def test_only_a_damaged_cache_file_is_set_aside(tmp_path, caplog, damage, set_aside):
+    from attnres.evaluation import set_aside_if_corrupt
+
+    database = sqlite_file(tmp_path / "cache.db")
+    content = database.read_bytes()
+    if damage == "garbage":
+        database.write_bytes(bytes(range(256)) * 64)
+    elif damage == "truncated":
+        database.write_bytes(content[: len(content) // 2])
+    elif damage == "pages overwritten":
+        middle = len(content) // 2
+        database.write_bytes(content[:middle] + bytes(range(256)) * 12 + content[middle + 3072 :])
+    damaged = database.read_bytes()
+    with contextlib.ExitStack() as stack:
+        if damage == "locked":
+            writer = stack.enter_context(contextlib.closing(sqlite3.connect(database, isolation_level=None)))
+            writer.execute("begin exclusive")
+        with caplog.at_level(logging.WARNING, logger="attnres.evaluation"):
+            set_aside_if_corrupt(database)
+    moved = list(tmp_path.glob("cache.db.corrupt-*"))
+    assert [path.read_bytes() for path in moved] == ([damaged] if set_aside else [])
+    assert database.exists() is not set_aside and len(caplog.records) == int(set_aside)

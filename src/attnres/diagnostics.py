@@ -10,8 +10,8 @@
 - **Training-step memory**: the bytes a training step holds for its backward pass and its peak (`step_memory`),
   the measure of the paper's O(N·d) claim for Block AttnRes.
 
-The same measurements work for any Llama-family causal LM (Llama, Mistral, Qwen, AttnRes), so a standard model can be
-shown side by side with its AttnRes counterpart.
+The same measurements work for any transformers causal LM whose decoder layers form one list (Llama, Mistral, Qwen,
+GPT-2, AttnRes: `decoder_layers`), so a standard model can be shown side by side with its AttnRes counterpart.
 """
 
 import json
@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
+from .errors import AttnResError
 from .layout import depth_source_names
+from .model_sources import ModelSource, has_tokenizer_files
 from .peft_support import is_attn_res_parameter
 
 
@@ -48,7 +50,8 @@ def collect(model, input_ids: torch.Tensor, label: str) -> Diagnostics:
     model.eval()
     model.zero_grad(set_to_none=True)
     is_attnres = getattr(model.config, "model_type", None) == "attnres"
-    with recorded_layer_inputs(model) as layer_inputs:
+    layers = decoder_layers(model)
+    with recorded_layer_inputs(model, layers) as layer_inputs:
         outputs = (
             model(input_ids, labels=input_ids, output_depth_attentions=True)
             if is_attnres
@@ -57,7 +60,7 @@ def collect(model, input_ids: torch.Tensor, label: str) -> Diagnostics:
         outputs.loss.backward()
     rms = [float(h.float().pow(2).mean().sqrt()) for h in layer_inputs]
     grad_norms = []
-    for layer in model.model.layers:  # its own weights; AttnRes parameters left out, so models compare like for like
+    for layer in layers:  # its own weights; AttnRes parameters left out, so models compare like for like
         grads = [
             p.grad for name, p in layer.named_parameters() if p.grad is not None and not is_attn_res_parameter(name)
         ]
@@ -75,24 +78,40 @@ def collect(model, input_ids: torch.Tensor, label: str) -> Diagnostics:
     return result
 
 
+def decoder_layers(model) -> torch.nn.ModuleList:
+    """The decoder layers of a transformers causal LM, found without knowing its family: the first `ModuleList` of
+    `config.num_hidden_layers` modules (Llama's and AttnRes' `model.layers`, GPT-2's `transformer.h`, OPT's
+    `model.decoder.layers`), rather than one family's attribute names."""
+    count = getattr(model.config, "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == count:
+            return module
+    raise AttnResError(
+        f"{type(model).__name__}: no list of config.num_hidden_layers ({count}) decoder layers found; the diagnostics "
+        "measure models whose decoder layers form one list (Llama, Mistral, Qwen, GPT-2, AttnRes)"
+    )
+
+
 @contextmanager
-def recorded_layer_inputs(model):
-    """Collects, in order, the hidden state each decoder layer reads and the one the final norm reads: for AttnRes the
-    output of its `attention_input` aggregation, for a PreNorm model (Llama, Mistral, Qwen) the residual stream the
-    layer is called with. Forward hooks, removed on exit."""
+def recorded_layer_inputs(model, layers: torch.nn.ModuleList):
+    """Collects, in order, the hidden state each of `layers` reads and the one the final norm reads: for AttnRes the
+    outputs of its `attention_input` and output aggregations, for a standard model (Llama, Mistral, Qwen, GPT-2) the
+    residual stream each layer is called with and the last layer's output, which is what the final norm reads.
+    Forward hooks, removed on exit."""
     inputs: list[torch.Tensor] = []
 
     def keep_output(_module, _args, output):
-        inputs.append(output[0].detach())
+        inputs.append((output[0] if isinstance(output, tuple) else output).detach())
 
-    def keep_input(_module, args, _output):
-        inputs.append(args[0].detach())
+    def keep_input(_module, args, kwargs, _output):
+        inputs.append((args[0] if args else kwargs["hidden_states"]).detach())
 
     if getattr(model.config, "model_type", None) == "attnres":
-        hooks = [layer.attention_input.register_forward_hook(keep_output) for layer in model.model.layers]
+        hooks = [layer.attention_input.register_forward_hook(keep_output) for layer in layers]
+        hooks.append(model.model.norm.register_forward_hook(keep_input, with_kwargs=True))
     else:
-        hooks = [layer.register_forward_hook(keep_input) for layer in model.model.layers]
-    hooks.append(model.model.norm.register_forward_hook(keep_input))
+        hooks = [layer.register_forward_hook(keep_input, with_kwargs=True) for layer in layers]
+        hooks.append(layers[-1].register_forward_hook(keep_output))
     try:
         yield inputs
     finally:
@@ -172,21 +191,46 @@ def plot_magnitudes(runs: list[Diagnostics], path: Path) -> None:
 
 
 def format_diagnostics(runs: list[Diagnostics]) -> str:
-    """A markdown table: per layer, each model's input RMS and gradient norm."""
+    """A markdown table: per layer, each model's input RMS and gradient norm, then the final output's RMS. Models of
+    different depths (a GPT-2 baseline) show "–" below their last layer."""
     header = "| layer | " + " | ".join(f"{r.label} RMS | {r.label} grad" for r in runs) + " |"
     lines = [header, "|---:|" + "---:|---:|" * len(runs)]
-    for layer in range(len(runs[0].layer_input_rms)):
+    for layer in range(max(len(run.layer_grad_norm) for run in runs)):
         cells = []
         for run in runs:
-            grad = run.layer_grad_norm[layer] if layer < len(run.layer_grad_norm) else None
-            cells += [f"{run.layer_input_rms[layer]:.4g}", "–" if grad is None else f"{grad:.3g}"]
-        name = layer if layer < len(runs[0].layer_grad_norm) else "output"
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+            if layer < len(run.layer_grad_norm):
+                cells += [f"{run.layer_input_rms[layer]:.4g}", f"{run.layer_grad_norm[layer]:.3g}"]
+            else:
+                cells += ["–", "–"]
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    lines.append("| output | " + " | ".join(f"{run.layer_input_rms[-1]:.4g} | –" for run in runs) + " |")
     return "\n".join(lines)
 
 
 def _short(name: str) -> str:
     return name.split(":")[0] if name.startswith("block") else name
+
+
+def check_baseline_tokens(
+    baseline: ModelSource, text: str, input_ids: torch.Tensor, *, trust_remote_code: bool
+) -> None:
+    """Both models are measured on the model's tokens (`input_ids`, of `text`), so the baseline must read them as the
+    same text: its own tokenizer, where it has tokenizer files here, must give the same ids, and its vocabulary must
+    hold every id (otherwise the embedding lookup fails inside torch, after both models have loaded)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    fix = "give a baseline with the model's tokenizer (e.g. the checkpoint it was grafted from)"
+    if baseline.directory is not None and has_tokenizer_files(baseline.directory):
+        theirs = AutoTokenizer.from_pretrained(baseline.directory, trust_remote_code=trust_remote_code)
+        if theirs(text).input_ids[: input_ids.shape[1]] != input_ids[0].tolist():
+            raise AttnResError(f"--baseline {baseline.name!r} tokenizes --text differently from the model; {fix}")
+    config = AutoConfig.from_pretrained(**baseline.from_pretrained_kwargs(), trust_remote_code=trust_remote_code)
+    vocabulary = config.get_text_config().vocab_size
+    if int(input_ids.max()) >= vocabulary:
+        raise AttnResError(
+            f"--baseline {baseline.name!r} embeds {vocabulary} tokens, but the model's tokenizer gives --text token "
+            f"ids up to {int(input_ids.max())}; {fix}"
+        )
 
 
 def diagnose(
@@ -202,20 +246,24 @@ def diagnose(
     write depth_attention.png, magnitudes.png, diagnostics.md and diagnostics.json into `output`; returns the table."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .errors import AttnResError
-    from .model_sources import check_model_code, loading_options, locate_model
+    from .model_sources import check_available, check_model_code, check_tokenizer, loading_options, locate_model
     from .paths import check_replaceable, staged_directory
 
     if max_tokens < 1:
         raise AttnResError(f"--max-tokens must be a positive number of tokens, got {max_tokens}")
     if not text_file.is_file():
         raise AttnResError(f"--text {text_file} is not a file")
-    check_replaceable(output.absolute(), force=False, flag="--output")
+    check_replaceable(output.absolute(), force=False, flag="--output", force_flag=None)
     sources = {"AttnRes": locate_model(model, flag="model")}
     if baseline is not None:
         sources["baseline"] = locate_model(baseline, flag="--baseline")
     for flag, source in zip(("model", "--baseline"), sources.values()):
+        check_available(source, flag=flag)
         check_model_code(source, flag=flag, trust_remote_code=trust_remote_code)
+    check_tokenizer(
+        sources["AttnRes"], flag="model", fix="--text is tokenized with the model's tokenizer: save the one it was "
+        "made with into it (`attnres convert` copies its source's)"
+    )  # fmt: skip
     loading = loading_options(trust_remote_code=trust_remote_code)
     tokenizer = AutoTokenizer.from_pretrained(
         **sources["AttnRes"].from_pretrained_kwargs(), trust_remote_code=trust_remote_code
@@ -224,6 +272,8 @@ def diagnose(
     input_ids = tokenizer(text, return_tensors="pt").input_ids[:, :max_tokens]
     if input_ids.shape[1] < 2:
         raise AttnResError(f"--text {text_file} has {input_ids.shape[1]} token(s); the measurement needs at least two")
+    if baseline is not None:
+        check_baseline_tokens(sources["baseline"], text, input_ids, trust_remote_code=trust_remote_code)
     runs = []
     for label, source in sources.items():
         loaded = AutoModelForCausalLM.from_pretrained(
@@ -233,7 +283,7 @@ def diagnose(
         del loaded
     table = format_diagnostics(runs)
     losses = ", ".join(f"{run.label} {run.loss:.4f}" for run in runs)
-    with staged_directory(output, flag="--output") as staging:
+    with staged_directory(output, flag="--output", force_flag=None) as staging:
         plot_depth_attention(runs[0], staging / "depth_attention.png")
         plot_magnitudes(runs, staging / "magnitudes.png")
         (staging / "diagnostics.md").write_text(

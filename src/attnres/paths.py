@@ -30,7 +30,9 @@ def is_missing_local_path(name: str) -> bool:
 
 
 @contextmanager
-def staged_directory(destination: str | os.PathLike, *, force: bool = False, flag: str = "--output") -> Iterator[Path]:
+def staged_directory(
+    destination: str | os.PathLike, *, force: bool = False, flag: str = "--output", force_flag: str | None = "--force"
+) -> Iterator[Path]:
     """Write the directory `destination` all at once.
 
     Yields an empty directory next to `destination` (on the same filesystem) to write into; when the block completes,
@@ -42,12 +44,13 @@ def staged_directory(destination: str | os.PathLike, *, force: bool = False, fla
 
     A `destination` that is a symbolic link is followed: the link is kept and the directory it points to is replaced.
     The working directory and its ancestors are refused, as are existing files and, without `force`, non-empty
-    directories; `flag` names the option in the messages.
+    directories; `flag` names the option in the messages, and `force_flag` the one that allows replacing (`None`
+    for a command without one, whose messages then suggest only another path).
     """
     destination = Path(destination).expanduser().absolute()
     if destination.is_symlink():
         destination = destination.resolve()
-    check_replaceable(destination, force=force, flag=flag)
+    check_replaceable(destination, force=force, flag=flag, force_flag=force_flag)
     created = first_missing_ancestor(destination.parent)
     destination.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(destination)
@@ -65,14 +68,15 @@ def staged_directory(destination: str | os.PathLike, *, force: bool = False, fla
         raise
 
 
-def check_replaceable(destination: Path, *, force: bool, flag: str) -> None:
+def check_replaceable(destination: Path, *, force: bool, flag: str, force_flag: str | None = "--force") -> None:
     cwd = Path.cwd().resolve()
     if cwd == destination.resolve() or cwd.is_relative_to(destination.resolve()):
         raise AttnResError(f"{flag} {destination} is the working directory or one of its parents; choose another path")
     if destination.exists() and not destination.is_dir():
         raise AttnResError(f"{flag} {destination} exists and is not a directory; choose another path")
     if destination.is_dir() and any(destination.iterdir()) and not force:
-        raise AttnResError(f"{flag} {destination} exists and is not empty; choose another path or pass --force")
+        fix = "choose another path" + (f" or pass {force_flag}" if force_flag else "")
+        raise AttnResError(f"{flag} {destination} exists and is not empty; {fix}")
 
 
 def replace_directory(new: Path, destination: Path) -> None:

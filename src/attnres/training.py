@@ -39,10 +39,19 @@ from transformers import (
     TrainingArguments,
     default_data_collator,
 )
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import get_last_checkpoint
 
 from .configuration_attnres import AttnResConfig
 from .errors import AttnResError
-from .model_sources import check_model_code, loading_options, locate_model
+from .model_sources import (
+    check_available,
+    check_model_code,
+    check_tokenizer,
+    loading_options,
+    locate_model,
+    locate_tokenizer,
+)
 from .modeling_attnres import AttnResForCausalLM
 from .paths import is_missing_local_path
 from .peft_support import attnres_lora_config, is_attn_res_parameter
@@ -313,9 +322,20 @@ def train(
     if tokenizer_source is None:
         raise TrainingSetupError("--init_config needs --tokenizer (a tokenizer directory or Hub id)")
     check_output_dir(Path(training_args.output_dir), model_args.model)
+    check_resume_checkpoint(training_args.resume_from_checkpoint)
     if model_args.model is not None:
         located = locate_model(model_args.model, flag="--model")
+        check_available(located, flag="--model")
         check_model_code(located, flag="--model", trust_remote_code=model_args.trust_remote_code)
+    if model_args.tokenizer is not None:
+        located_tokenizer = locate_tokenizer(model_args.tokenizer, flag="--tokenizer")
+        check_available(located_tokenizer, flag="--tokenizer")
+        check_tokenizer(located_tokenizer, flag="--tokenizer", fix="give a tokenizer directory or Hub id")
+    else:
+        check_tokenizer(
+            located, flag="--model", fix="pass --tokenizer with the one it was trained with (e.g. the checkpoint it "
+            "was grafted from), or save that one into it"
+        )  # fmt: skip
     if training_args.fsdp and (training_args.use_cpu or not torch.accelerator.is_available()):
         raise TrainingSetupError(fsdp_unavailable("the CPU"))
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, trust_remote_code=model_args.trust_remote_code)
@@ -356,6 +376,26 @@ def fsdp_unavailable(instead: str) -> str:
         f"--fsdp was given, but Trainer would train on {instead} without it (transformers and accelerate run FSDP "
         "only on accelerators, and fall back to DDP on CPUs); launch on GPUs with torchrun or accelerate, or drop "
         "--fsdp"
+    )
+
+
+def check_resume_checkpoint(checkpoint: str | None) -> None:
+    """`--resume_from_checkpoint` must name a checkpoint Trainer saved (a directory with trainer_state.json): Trainer
+    finds out only after the model and the data have loaded, and fails with a traceback ("Can't find a valid
+    checkpoint", or a missing trainer_state.json for a model directory). Given the directory that holds checkpoints
+    (`--output_dir`), the message names its latest."""
+    if checkpoint is None:
+        return
+    path = Path(checkpoint).expanduser()
+    if (path / TRAINER_STATE_NAME).is_file():
+        return
+    expected = f"a checkpoint-N directory that Trainer saved (with {TRAINER_STATE_NAME})"
+    if not path.exists():
+        raise TrainingSetupError(f"--resume_from_checkpoint {checkpoint} does not exist; expected {expected}")
+    latest = get_last_checkpoint(path) if path.is_dir() else None
+    hint = f"; did you mean {latest}?" if latest else ""
+    raise TrainingSetupError(
+        f"--resume_from_checkpoint {checkpoint} is not a Trainer checkpoint: expected {expected}{hint}"
     )
 
 
