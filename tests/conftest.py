@@ -2,7 +2,11 @@
 
 import contextlib
 import os
+import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,3 +95,26 @@ def recorded_model_loads() -> Iterator[list[dict]]:
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(PreTrainedModel, "from_pretrained", classmethod(recording))
         yield loads
+
+
+# Run in a private mount namespace: mount a fresh tmpfs with the options $1 on $2, run the rest, list what is left.
+ON_A_TMPFS = (
+    'mount -t tmpfs -o "$1" attnres-test "$2" || exit 97; m=$2; shift 2; "$@"; rc=$?; echo "left: $(ls -A "$m")"; '
+    "exit $rc"
+)
+
+
+def run_cli_on_a_tmpfs(mount_point: Path, options: str, argv: list[str]) -> subprocess.CompletedProcess:
+    """`attnres ARGV` in a child process that sees a fresh tmpfs, mounted with `options` (`size=64k`: a disk that is
+    soon full; `ro`: a read-only filesystem), on `mount_point`; its stdout ends with `left: ` and the names left on
+    that filesystem. The mount lives in a private mount namespace (unshare(1), as a user namespace's root when not
+    root), so it vanishes with the child, needs no privileges and fails for root too (a read-only mode bit does not
+    stop root). Skipped where unshare is missing or not allowed (user namespaces disabled)."""
+    unshare = ["unshare", "--mount"] + ([] if os.geteuid() == 0 else ["--map-root-user"])
+    if shutil.which("unshare") is None or subprocess.run([*unshare, "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs unshare(1) and a private mount namespace to mount a full or read-only filesystem")
+    mount_point.mkdir(parents=True, exist_ok=True)
+    command = [*unshare, "sh", "-c", ON_A_TMPFS, "sh", options, str(mount_point), sys.executable, "-m", "attnres"]
+    result = subprocess.run([*command, *argv], capture_output=True, text=True, timeout=600)
+    assert result.returncode != 97, f"mounting a tmpfs failed: {result.stderr}"
+    return result

@@ -30,7 +30,64 @@ def test_inspect_json_counts_match_the_model(tmp_path, capsys):
     assert report["total_parameters"] == sum(p.numel() for p in model.parameters())
     # one pseudo-query and one key-norm weight of size hidden per sublayer, plus the output's
     assert report["attnres_parameters"] == (2 * 5 + 1) * 2 * 32
-    assert [len(sources) for _, sources in report["depth_sources"]] == list(range(1, 12))
+    assert [count for _, count, _ in report["aggregations"]] == list(range(1, 12))
+    assert report["sources"] == ["embedding"] + [f"layer {i // 2} {('attn', 'mlp')[i % 2]}" for i in range(10)]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"attn_res_block_size": 2},
+        {"residual_mode": "full", "tie_word_embeddings": True},
+        {"qk_norm": True, "qkv_bias": True, "num_key_value_heads": 2},
+        {"attention_bias": True, "mlp_bias": True, "attn_res_num_blocks": 5},
+        {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention"] * 2 + ["sliding_attention"]},
+    ],
+    ids=["block", "full, tied", "qk norm, qkv bias, GQA", "biases", "mixed attention types"],
+)
+def test_layout_counts_the_parameters_of_the_model_it_describes(kwargs):
+    """`describe` counts from models of one and two layers (every layer has the same parameters): the counts are
+    those of the whole model."""
+    from attnres import AttnResForCausalLM
+    from attnres.layout import describe
+
+    config = tiny_config(**kwargs)
+    model = AttnResForCausalLM(config)
+    layout = describe(config)
+    assert layout.total_parameters == sum(p.numel() for p in model.parameters())
+    assert layout.attnres_parameters == sum(p.numel() for p in model.attn_res_parameters().values())
+
+
+def test_inspect_shows_the_first_and_last_sources_of_long_lists(tmp_path, capsys):
+    tiny_config("full", num_hidden_layers=10).save_pretrained(tmp_path / "full")
+    tiny_config(num_hidden_layers=20, attn_res_block_size=1).save_pretrained(tmp_path / "block")
+    assert main(["inspect", str(tmp_path / "full")]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "  layers.9.mlp    20  emb 0.attn 0.mlp 1.attn 1.mlp 2.attn ... 6.mlp 7.attn 7.mlp 8.attn 8.mlp 9.attn\n"
+        in out
+    )
+    assert main(["inspect", str(tmp_path / "block")]) == 0
+    out = capsys.readouterr().out
+    assert "  layers.18.mlp    20  emb b1 b2 b3 b4 b5 ... b14 b15 b16 b17 b18 b19*\n" in out
+    assert "  layers.19.attn   20  emb b1 b2 b3 b4 b5 ... b14 b15 b16 b17 b18 b19\n" in out
+    assert "  output           21  emb b1 b2 b3 b4 b5 ... b15 b16 b17 b18 b19 b20" in out
+
+
+@pytest.mark.parametrize("mode, output", [("full", "text"), ("block", "json")])
+def test_inspect_takes_time_linear_in_depth(tmp_path, mode, output):
+    """100,000 layers (200,000 sublayers; in Full AttnRes 2·10^10 source names if every list were spelled out) in
+    seconds: no layer is built, and each aggregation shows at most 12 names."""
+    tiny_config(mode, num_hidden_layers=100_000, attn_res_num_blocks=8).save_pretrained(tmp_path)
+    arguments = ["--json"] if output == "json" else []
+    result = subprocess.run([sys.executable, "-m", "attnres", "inspect", str(tmp_path), *arguments],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    if output == "json":
+        assert json.loads(result.stdout)["aggregations"][-1] == ["output", 9, False]
+    else:
+        assert result.stdout.endswith("99998.attn 99998.mlp 99999.attn 99999.mlp\n")
+        assert "  output             200001  emb 0.attn 0.mlp 1.attn 1.mlp 2.attn ... 99997.attn" in result.stdout
 
 
 @pytest.mark.parametrize(

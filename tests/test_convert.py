@@ -2,10 +2,13 @@
 
 import hashlib
 import json
+import os
 import signal
 import stat
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -13,11 +16,12 @@ from huggingface_hub import ModelCard
 from safetensors import safe_open
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-from attnres import AttnResForCausalLM
+from attnres import AttnResForCausalLM, paths
 from attnres.cli import main
 from attnres.convert import graft, verify_graft
-from attnres.paths import STAGING_MARKER, process_identity
-from tests.conftest import assert_close, recorded_model_loads
+from attnres.errors import AttnResError
+from attnres.paths import STAGING_MARKER, current_umask, process_identity, staged_directory
+from tests.conftest import assert_close, recorded_model_loads, run_cli_on_a_tmpfs
 from tests.test_remote_code import load_as_remote_code
 from tests.tiny_models import FAMILIES, family_pair, tiny_config, tiny_tokenizer
 
@@ -256,6 +260,41 @@ def _claim_many_layers(src):
     (src / "config.json").write_text(json.dumps(config))
 
 
+def _nest_in_config(depth: int):
+    """A field of `depth` nested lists in config.json: past Python's recursion limit for json (100,000), or within it
+    but past what transformers' config code recurses through (900)."""
+
+    def nest(src):
+        text = (src / "config.json").read_text().rstrip().removesuffix("}")
+        (src / "config.json").write_text(f'{text}, "nested": {"[" * depth}{"]" * depth}}}')
+
+    return nest
+
+
+def _nest_in_index(src):
+    _shard_with_index(lambda names: dict.fromkeys(names, "model-00001-of-00001.safetensors"))(src)
+    (src / "model.safetensors.index.json").write_text('{"metadata": ' + "[" * 100_000 + "]" * 100_000 + "}")
+
+
+def _link_carried_file(name: str, target: str):
+    """SRC's `name` replaced by a symbolic link to `target` (relative to SRC; a secret file is put there)."""
+
+    def link(src):
+        secret = (src / target).resolve()
+        secret.parent.mkdir(parents=True, exist_ok=True)
+        secret.write_text("SECRET: not to be published\n")
+        (src / name).unlink(missing_ok=True)
+        (src / name).symlink_to(src / target if target.startswith("/") else target)
+
+    return link
+
+
+def _rename_not_utf8(src):
+    renamed = src.with_name(os.fsdecode(b"src-\xff"))
+    src.rename(renamed)
+    return renamed
+
+
 BAD_SOURCES = {
     "missing config": (_drop_config, [], "has no config.json"),
     "config is a list": (_write_config("[]"), [], "must hold a JSON object (a transformers config), not list"),
@@ -294,6 +333,24 @@ BAD_SOURCES = {
         "--num-blocks must be between 1 and the source's number of layers (5)",
     ),
     "block size zero": (None, ["--block-size", "0"], "--block-size must be between 1"),
+    "config nested too deeply for JSON": (
+        _nest_in_config(100_000),
+        [],
+        "nests too deeply to be a transformers config",
+    ),
+    "config nested too deeply for transformers": (_nest_in_config(900), [], "is not a valid llama config"),
+    "index nested too deeply": (_nest_in_index, [], "is not a valid safetensors index"),
+    "LICENSE links outside SRC": (
+        _link_carried_file("LICENSE", "../elsewhere/id_rsa"),
+        [],
+        "SRC file LICENSE is a symbolic link to",
+    ),
+    "tokenizer links outside SRC": (
+        _link_carried_file("tokenizer.json", "../../secret.json"),
+        [],
+        "SRC file tokenizer.json is a symbolic link to",
+    ),
+    "SRC not UTF-8": (_rename_not_utf8, [], "is not a UTF-8 path, and safetensors opens no other"),
 }
 
 
@@ -301,11 +358,10 @@ BAD_SOURCES = {
 def test_bad_input_gives_one_line_error_and_leaves_nothing(tmp_path, capsys, case):
     damage, extra, message = BAD_SOURCES[case]
     make_source(tmp_path / "src")
-    if damage:
-        damage(tmp_path / "src")
+    source = (damage(tmp_path / "src") if damage else None) or tmp_path / "src"  # some damage renames SRC
     destination = tmp_path / "out" / "dst"
     capsys.readouterr()  # only what the conversion prints
-    assert main(["convert", str(tmp_path / "src"), str(destination), *extra]) == 1
+    assert main(["convert", str(source), str(destination), *extra]) == 1
     err = capsys.readouterr().err
     assert err.startswith("attnres: error: ") and message in err and err.count("\n") == 1, err
     assert not (tmp_path / "out").exists()  # not even the parent it would have created
@@ -361,6 +417,152 @@ def test_unreadable_gguf_is_a_clear_error(tmp_path, capsys, body):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]  # not even the parents it created
 
 
+def _parent_is_a_file(tmp):
+    (tmp / "notes.txt").write_text("mine")
+    return tmp / "notes.txt" / "dst"
+
+
+def _looping_link(tmp):
+    (tmp / "loop-a").symlink_to(tmp / "loop-b")
+    (tmp / "loop-b").symlink_to(tmp / "loop-a")
+    return tmp / "loop-a"
+
+
+BAD_DESTINATIONS = {
+    "parent is a file": (_parent_is_a_file, "notes.txt is a file, not a directory; choose another path"),
+    "name of 300 characters": (lambda tmp: tmp / ("d" * 300), "is 300 bytes long, more than the"),
+    "parent of 300 characters": (lambda tmp: tmp / ("p" * 300) / "dst", "is 300 bytes long, more than the"),
+    "link that loops": (_looping_link, "Too many levels of symbolic links"),
+    "parent link that loops": (lambda tmp: _looping_link(tmp) / "dst", "Too many levels of symbolic links"),
+    "not UTF-8": (lambda tmp: tmp / os.fsdecode(b"dst-\xff"), "is not a UTF-8 path"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_DESTINATIONS))
+def test_bad_destination_gives_one_line_error_and_leaves_nothing(tmp_path, capsys, case):
+    make_input, message = BAD_DESTINATIONS[case]
+    make_source(tmp_path / "src")
+    destination = make_input(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "src"), str(destination)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("attnres: error: ") and message in err and err.count("\n") == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_a_destination_name_near_the_length_limit_is_written(tmp_path):
+    """A name of 240 bytes is valid; the staging directory next to it, named after it, must be too."""
+    make_source(tmp_path / "src")
+    destination = tmp_path / ("d" * 240)
+    assert main(["convert", str(tmp_path / "src"), str(destination), "--no-progress"]) == 0
+    assert (destination / "config.json").is_file() and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [("size=64k", "No space left on device"), ("ro", "Read-only file system")],
+    ids=["full disk", "read-only filesystem"],
+)
+@pytest.mark.parametrize("nested", [False, True], ids=["DST", "DST in missing parents"])
+def test_a_full_or_read_only_filesystem_is_one_line_and_leaves_nothing(tmp_path, options, message, nested):
+    make_source(tmp_path / "src")
+    mount = tmp_path / "mount"
+    destination = mount / "a" / "b" / "dst" if nested else mount / "dst"
+    result = run_cli_on_a_tmpfs(mount, options, ["convert", str(tmp_path / "src"), str(destination), "--no-progress"])
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.stderr.startswith("attnres: error: cannot write DST ") and result.stderr.count("\n") == 1
+    assert message in result.stderr and "choose another path" in result.stderr, result.stderr
+    assert result.stdout.splitlines()[-1] == "left: "  # no staging directory, no parent it created
+
+
+def write_safetensors(path, tensors: dict[str, tuple[str, list[int], bytes]]) -> None:
+    """A safetensors file written by hand from `name: (dtype, shape, raw bytes)`, for dtypes this torch may lack."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, (dtype, shape, data) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+    encoded = json.dumps(header).encode()
+    encoded += b" " * (-len(encoded) % 8)
+    path.write_bytes(len(encoded).to_bytes(8, "little") + encoded + b"".join(data for _, _, data in tensors.values()))
+
+
+def read_safetensors(path) -> dict[str, tuple[str, list[int], bytes]]:
+    """The tensors of a safetensors file as `name: (dtype, shape, raw bytes)`, read by hand."""
+    data = path.read_bytes()
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    header.pop("__metadata__", None)
+    start = 8 + length
+    return {
+        name: (
+            entry["dtype"],
+            entry["shape"],
+            data[start + entry["data_offsets"][0] : start + entry["data_offsets"][1]],
+        )
+        for name, entry in header.items()
+    }
+
+
+# safetensors dtypes torch has no element size for in every supported release (F8_E8M0: torch 2.7+), and U8
+ODD_DTYPES = {"U8": 1, "U16": 2, "U32": 4, "U64": 8, "C64": 8, "F8_E8M0": 1}
+
+
+@pytest.mark.parametrize("dtype", list(ODD_DTYPES))
+@pytest.mark.parametrize("cast", [None, "bfloat16"], ids=["copied", "--dtype bfloat16"])
+def test_tensors_of_any_dtype_are_carried_through_unchanged(tmp_path, capsys, dtype, cast):
+    """A tensor stored as U16, U32, U64, C64 or F8_E8M0 (MXFP4 checkpoints hold U8 blocks and E8M0 scales) keeps its
+    dtype and bytes, copied or in a rewritten shard, and counts its bytes in the index's total_size."""
+    from safetensors.torch import load_file
+
+    make_source(tmp_path / "src")
+    source = tmp_path / "src" / "model.safetensors"
+    odd_name = "model.layers.1.mlp.up_proj.weight"
+    tensors = {name: ("F32", list(t.shape), t.numpy().tobytes()) for name, t in load_file(source).items()}
+    shape = tensors[odd_name][1]
+    odd = bytes(range(7, 251)) * (shape[0] * shape[1] * ODD_DTYPES[dtype] // 244 + 1)
+    tensors[odd_name] = (dtype, shape, odd[: shape[0] * shape[1] * ODD_DTYPES[dtype]])
+    write_safetensors(source, tensors)
+    torch_can_read = dtype != "F8_E8M0" or hasattr(torch, "float8_e8m0fnu")
+    arguments = ["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--no-progress"]
+    capsys.readouterr()
+    if cast and not torch_can_read:
+        assert main([*arguments, "--dtype", cast]) == 1
+        err = capsys.readouterr().err
+        assert f"cannot read {odd_name} ({dtype}" in err and "upgrade torch" in err and err.count("\n") == 1, err
+        assert not (tmp_path / "dst").exists()
+        return
+    assert main(arguments + (["--dtype", cast] if cast else [])) == 0
+    written = {}
+    for shard in (tmp_path / "dst").glob("*.safetensors"):
+        written.update(read_safetensors(shard))
+    assert written[odd_name] == tensors[odd_name]
+    assert {entry[0] for name, entry in written.items() if name != odd_name} == {"BF16" if cast else "F32"}
+    index = json.loads((tmp_path / "dst" / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(len(data) for _, _, data in written.values())
+
+
+@pytest.mark.parametrize(
+    "file, content",
+    [
+        ("tokenizer.json", "{not json"),
+        ("tokenizer.json", '{"version": "1.0", "model": {"type": "Nonsense"}}'),
+        ("tokenizer_config.json", "{not json"),
+    ],
+    ids=["tokenizer.json not JSON", "tokenizer.json not a tokenizer", "tokenizer_config.json not JSON"],
+)
+def test_verify_with_bad_tokenizer_files_is_one_line(tmp_path, capsys, file, content):
+    make_source(tmp_path / "src")
+    (tmp_path / "src" / file).write_text(content)
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), "--verify", "--no-progress"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == f"wrote {tmp_path / 'dst'}\n"  # the conversion itself succeeded
+    err = captured.err
+    assert err.startswith("attnres: error: --verify cannot load the tokenizer") and err.count("\n") == 1, err
+    assert "fix SRC's tokenizer files" in err
+
+
 # --- where the output goes -------------------------------------------------------------------------------------------
 
 
@@ -384,12 +586,125 @@ def test_a_destination_that_is_a_symlink_is_followed(tmp_path, force):
     assert leftovers(tmp_path) == [] and leftovers(tmp_path / "elsewhere") == []
 
 
-def test_outputs_have_the_permissions_save_pretrained_gives(tmp_path):
+@pytest.mark.parametrize("dtype", [None, "float16"], ids=["copied", "rewritten"])
+def test_outputs_have_the_permissions_save_pretrained_gives(tmp_path, dtype):
+    """The directory as save_pretrained makes it, and every file as `open` makes one (0644 under umask 022): what
+    save_pretrained gave before safetensors 0.8, which writes through a 0600 temporary file."""
     make_source(tmp_path / "src")
-    graft(tmp_path / "src", tmp_path / "dst", progress=False)
+    graft(tmp_path / "src", tmp_path / "dst", dtype=dtype, progress=False)
     reference = tmp_path / "reference"
     AttnResForCausalLM(tiny_config()).save_pretrained(reference)
     assert stat.S_IMODE((tmp_path / "dst").stat().st_mode) == stat.S_IMODE(reference.stat().st_mode)
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in (tmp_path / "dst").iterdir()}
+    assert modes == dict.fromkeys(modes, 0o666 & ~current_umask()) and len(modes) > 10
+
+
+def test_carried_links_that_stay_inside_src_are_copied(tmp_path):
+    make_source(tmp_path / "src")
+    (tmp_path / "src" / "legal").mkdir()
+    (tmp_path / "src" / "LICENSE").rename(tmp_path / "src" / "legal" / "LICENSE.txt")
+    (tmp_path / "src" / "LICENSE").symlink_to("legal/LICENSE.txt")
+    graft(tmp_path / "src", tmp_path / "dst", progress=False)
+    assert not (tmp_path / "dst" / "LICENSE").is_symlink()
+    assert (tmp_path / "dst" / "LICENSE").read_text() == "Test license: do what you want.\n"
+
+
+def test_a_hugging_face_cache_snapshot_is_converted(tmp_path):
+    """In huggingface_hub's cache every file of a snapshot is a link to `../../blobs/<hash>`: carried files may point
+    there."""
+    repo = tmp_path / "models--org--tiny"
+    snapshot = repo / "snapshots" / "0123abc"
+    make_source(snapshot)
+    (repo / "blobs").mkdir()
+    for path in list(snapshot.iterdir()):
+        blob = repo / "blobs" / sha256(path)
+        path.rename(blob)
+        path.symlink_to(f"../../blobs/{blob.name}")
+    graft(snapshot, tmp_path / "dst", progress=False)
+    assert (tmp_path / "dst" / "LICENSE").read_text() == "Test license: do what you want.\n"
+    assert (tmp_path / "dst" / "tokenizer.json").read_bytes() == (snapshot / "tokenizer.json").read_bytes()
+
+
+def test_a_destination_that_appears_during_the_conversion_is_left_alone(tmp_path, capsys):
+    """Without --force, a DST created while the conversion runs is the user's: it is neither replaced nor deleted, and
+    the conversion is refused."""
+    make_source(tmp_path / "src")
+    destination = tmp_path / "dst"
+
+    def create_destination_once_staging():
+        while not list(tmp_path.glob(".dst.attnres-staging-*")):
+            time.sleep(0.001)
+        destination.mkdir()
+        (destination / "mine.txt").write_text("mine")
+
+    creator = threading.Thread(target=create_destination_once_staging, daemon=True)
+    creator.start()
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "src"), str(destination), "--dtype", "float16", "--no-progress"]) == 1
+    creator.join()
+    err = capsys.readouterr().err
+    assert "DST" in err and "appeared or was filled while this command ran" in err and err.count("\n") == 1, err
+    assert [p.name for p in destination.iterdir()] == ["mine.txt"] and (destination / "mine.txt").read_text() == "mine"
+    assert leftovers(tmp_path) == []
+
+
+def _created_and_filled(destination):
+    destination.mkdir()
+    (destination / "mine.txt").write_text("mine")
+
+
+def _filled(destination):
+    (destination / "mine.txt").write_text("mine")
+
+
+def _a_file(destination):
+    destination.write_text("mine")
+
+
+@pytest.mark.parametrize(
+    "existed, appear",
+    [(False, _created_and_filled), (True, _filled), (False, _a_file)],
+    ids=["created and filled", "empty, then filled", "a file"],
+)
+def test_staged_output_never_replaces_what_appeared_meanwhile(tmp_path, existed, appear):
+    destination = tmp_path / "dst"
+    if existed:
+        destination.mkdir()  # an empty directory may be replaced (check_replaceable allows it) while it stays empty
+    refused = pytest.raises(AttnResError, match="appeared or was filled while this command ran")
+    with refused, staged_directory(destination, flag="DST") as staging:
+        (staging / "result.txt").write_text("new")
+        appear(destination)
+    assert (destination / "mine.txt" if destination.is_dir() else destination).read_text() == "mine"
+    assert leftovers(tmp_path) == []
+
+
+def test_an_empty_destination_that_stays_empty_is_replaced(tmp_path):
+    (tmp_path / "dst").mkdir()
+    with staged_directory(tmp_path / "dst", flag="DST") as staging:
+        (staging / "result.txt").write_text("new")
+    assert [p.name for p in (tmp_path / "dst").iterdir()] == ["result.txt"] and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("atomic", [True, False], ids=["renameat2", "rename fallback"])
+def test_rename_no_replace_refuses_what_is_there(tmp_path, monkeypatch, atomic):
+    """renameat2(RENAME_NOREPLACE) refuses anything at the destination; the rename(2) fallback (systems without it)
+    refuses files and non-empty directories, and replaces only an empty directory."""
+    if atomic and paths.libc_renameat2() is None:
+        pytest.skip("this C library has no renameat2")
+    if not atomic:
+        monkeypatch.setattr(paths, "libc_renameat2", lambda: None)
+    (tmp_path / "new").mkdir()
+    (tmp_path / "new" / "result.txt").write_text("new")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("mine")
+    (tmp_path / "file").write_text("mine")
+    (tmp_path / "empty").mkdir()
+    for taken in ("full", "file") + (("empty",) if atomic else ()):
+        with pytest.raises(FileExistsError):
+            paths.rename_no_replace(tmp_path / "new", tmp_path / taken)
+    assert (tmp_path / "full" / "mine.txt").read_text() == "mine" and (tmp_path / "file").read_text() == "mine"
+    paths.rename_no_replace(tmp_path / "new", tmp_path / "moved")
+    assert (tmp_path / "moved" / "result.txt").read_text() == "new" and not (tmp_path / "new").exists()
 
 
 @pytest.mark.parametrize("destination", [".", ".."], ids=["working directory", "its parent"])

@@ -11,7 +11,6 @@ to the destination, which replaces the destination only once complete.
 
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -34,27 +33,15 @@ from .families import SUPPORTED_FAMILIES, attnres_config_kwargs, unsupported_mes
 from .model_card import render_model_card, source_license
 from .model_sources import loading_options, local_checkpoint, locate_model
 from .modeling_attnres import AttnResForCausalLM
-from .paths import staged_directory
+from .paths import check_link_inside, is_utf8, os_error_message, printable, staged_directory
 
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The dtypes `--dtype` converts; tensors of any other dtype (integers, FP8 and its E8M0 scales, F64, ...) are carried
+# through unchanged.
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
-DTYPE_BYTES = {
-    "F64": 8,
-    "F32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "F8_E4M3": 1,
-    "F8_E5M2": 1,
-    "I64": 8,
-    "I32": 4,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-}
 # Files that travel with the weights: the tokenizer, its chat template, generation defaults and license terms.
 CARRIED_FILES = (
     "tokenizer.json",
@@ -133,48 +120,60 @@ def graft(
         raise ConversionError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
     located = locate_model(str(source), flag="SRC")
     destination = Path(destination).expanduser().absolute()
+    for flag, path in (("SRC", located.directory), ("DST", destination)):
+        if path is not None and not is_utf8(path):
+            fix = "rename it, or link to it from a UTF-8 path" if flag == "SRC" else "choose a UTF-8 name"
+            raise ConversionError(f"{flag} {str(path)!r} is not a UTF-8 path, and safetensors opens no other; {fix}")
     if located.hub_id is None:
         check_not_nested(located.directory or located.gguf_file, destination)
-    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja", "README.md", *CARRIED_PATTERNS]
     command = command or f"attnres convert {source} {destination.name} --mode {mode}"
-    with (
-        staged_directory(destination, force=force, flag="DST") as work_dir,
-        local_checkpoint(
-            located,
-            revision=revision,
-            allow_patterns=patterns + (["*.bin"] if allow_pickle else []),
-            scratch_dir=work_dir,  # a dequantized GGUF source lives inside the staging directory until it is removed
-        ) as source_dir,
-    ):
-        source_config = read_source_config(source_dir)
-        shards = read_source_shards(source_dir, allow_pickle=allow_pickle)
-        check_layers_match(source_config.num_hidden_layers, shards)  # before building a model of that depth
-        config = build_config(source_config, mode=mode, num_blocks=num_blocks, block_size=block_size)
-        with torch.device("meta"):
-            model = AttnResForCausalLM(config)
-        target_dtype = DTYPES[dtype] if dtype else source_dtype(source_config, shards)
-        config.dtype = target_dtype
-        config.architectures = [AttnResForCausalLM.__name__]
-        check_tensors_match(model, shards, tie_word_embeddings=config.tie_word_embeddings)
-        write_weights(model, shards, work_dir, target_dtype=target_dtype if dtype else None, progress=progress)
-        config.save_pretrained(work_dir)
-        custom_object_save(model, work_dir, config=config)  # ships modeling_attnres.py (remote code)
-        carry_files(source_dir, work_dir)
-        card = render_model_card(
-            config,
-            base_model=located.hub_id or (located.gguf_file or located.directory).name,
-            base_model_is_hub_id=located.hub_id is not None,
-            license_fields=source_license(source_dir),
-            command=command,
-            dtype=str(target_dtype).removeprefix("torch."),
-        )
-        (work_dir / "README.md").write_text(card)
+    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja", "README.md", *CARRIED_PATTERNS]
+    try:
+        with (
+            staged_directory(destination, force=force, flag="DST") as work_dir,
+            local_checkpoint(
+                located,
+                revision=revision,
+                allow_patterns=patterns + (["*.bin"] if allow_pickle else []),
+                # a dequantized GGUF source lives inside the staging directory until it is removed
+                scratch_dir=work_dir,
+            ) as source_dir,
+        ):
+            source_config = read_source_config(source_dir)
+            carried = carried_files(source_dir)
+            shards = read_source_shards(source_dir, allow_pickle=allow_pickle)
+            check_layers_match(source_config.num_hidden_layers, shards)  # before building a model of that depth
+            config = build_config(source_config, mode=mode, num_blocks=num_blocks, block_size=block_size)
+            with torch.device("meta"):
+                model = AttnResForCausalLM(config)
+            target_dtype = DTYPES[dtype] if dtype else source_dtype(source_config, shards)
+            config.dtype = target_dtype
+            config.architectures = [AttnResForCausalLM.__name__]
+            check_tensors_match(model, shards, tie_word_embeddings=config.tie_word_embeddings)
+            write_weights(model, shards, work_dir, target_dtype=target_dtype if dtype else None, progress=progress)
+            config.save_pretrained(work_dir)
+            custom_object_save(model, work_dir, config=config)  # ships modeling_attnres.py (remote code)
+            for path in carried:
+                shutil.copyfile(path, work_dir / path.name)
+            card = render_model_card(
+                config,
+                base_model=printable(located.hub_id or (located.gguf_file or located.directory).name),
+                base_model_is_hub_id=located.hub_id is not None,
+                license_fields=source_license(source_dir),
+                command=printable(command),
+                dtype=str(target_dtype).removeprefix("torch."),
+            )
+            (work_dir / "README.md").write_text(card)
+    except OSError as error:  # reading SRC: errors writing DST are AttnResErrors already (`staged_directory`)
+        raise ConversionError(f"cannot read SRC {source}: {os_error_message(error)}") from None
     return destination
 
 
 def check_not_nested(source: Path, destination: Path) -> None:
     """DST may be neither inside SRC (a checkpoint directory) nor hold it (replacing DST would delete it)."""
-    source_dir, resolved = source.resolve(), destination.resolve()
+    source_dir = source.resolve()
+    # not Path.resolve, which raises on a link that loops (`staged_directory` refuses it in one line)
+    resolved = Path(os.path.realpath(destination))
     if source_dir.is_dir() and (resolved == source_dir or resolved.is_relative_to(source_dir)):
         raise ConversionError(
             f"DST {str(destination)!r} is inside SRC {str(source_dir)!r}; choose a directory outside it"
@@ -198,6 +197,8 @@ def read_source_config(source_dir: Path):
         raw = json.loads(config_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ConversionError(f"{config_file} is not valid JSON: {error}") from None
+    except RecursionError:
+        raise ConversionError(f"{config_file} nests too deeply to be a transformers config") from None
     if not isinstance(raw, dict):
         raise ConversionError(
             f"{config_file} must hold a JSON object (a transformers config), not {type(raw).__name__}"
@@ -211,7 +212,8 @@ def read_source_config(source_dir: Path):
             raise ConversionError(f"{config_file}: {name} must be a positive integer, got {value!r}")
     try:
         return AutoConfig.from_pretrained(source_dir, trust_remote_code=False)  # its auto_map code never runs
-    except (StrictDataclassError, ValueError, TypeError, KeyError, ArithmeticError) as error:  # transformers' checks
+    except (StrictDataclassError, ValueError, TypeError, KeyError, ArithmeticError, RecursionError) as error:
+        # transformers' checks, and what a config too deeply nested for them provokes
         raise ConversionError(f"{config_file} is not a valid {model_type} config: {one_line(error)}") from None
 
 
@@ -289,7 +291,7 @@ def read_weight_map(index: Path) -> dict[str, str]:
     it (`../other/model.safetensors` or an absolute path would copy someone else's file into DST)."""
     try:
         weight_map = json.loads(index.read_text()).get("weight_map")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as error:
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, RecursionError) as error:
         raise ConversionError(f"{index} is not a valid safetensors index ({error})") from None
     if not isinstance(weight_map, dict) or not all(isinstance(file, str) for file in weight_map.values()):
         raise ConversionError(f"{index}: 'weight_map' must map tensor names to file names")
@@ -393,11 +395,11 @@ def write_weights(
                 bar.update(shard.path.stat().st_size)
             else:
                 copy_file(shard.path, work_dir / name, bar)
-                total_size += tensor_bytes(shard)
+                total_size += tensor_bytes(shard.path)
             weight_map.update(dict.fromkeys(kept, name))
 
         attnres = initial_attn_res_tensors(model, target_dtype or model.config.dtype)
-        save_file(attnres, work_dir / names[-1], metadata={"format": "pt"})
+        save_shard(attnres, work_dir / names[-1])
         total_size += sum(t.numel() * t.element_size() for t in attnres.values())
         weight_map.update(dict.fromkeys(attnres, names[-1]))
 
@@ -412,10 +414,11 @@ def needs_cast(shard: SourceShard, target_dtype: torch.dtype | None) -> bool:
 
 
 def rewrite_shard(shard: SourceShard, path: Path, keys: Iterable[str], target_dtype: torch.dtype | None) -> int:
-    """Load one source shard, cast its floating tensors to `target_dtype`, drop what is not kept, save it."""
+    """Load one source shard, cast its float32/bfloat16/float16 tensors to `target_dtype` (others are carried
+    unchanged, as `needs_cast` expects), drop what is not kept, save it."""
 
     def converted(tensor: torch.Tensor) -> torch.Tensor:
-        if target_dtype is not None and tensor.is_floating_point():
+        if target_dtype is not None and tensor.dtype in SAFETENSORS_DTYPES.values():
             tensor = tensor.to(target_dtype)
         return tensor.contiguous()
 
@@ -424,10 +427,31 @@ def rewrite_shard(shard: SourceShard, path: Path, keys: Iterable[str], target_dt
         state_dict = torch.load(shard.path, map_location="cpu", weights_only=True, mmap=True)
         tensors = {key: converted(state_dict[key]) for key in keys}
     else:
+        tensors = {}
         with safe_open(shard.path, framework="pt") as reader:
-            tensors = {key: converted(reader.get_tensor(key)) for key in keys}
-    save_file(tensors, path, metadata={"format": "pt"})
+            for key in keys:
+                try:
+                    tensors[key] = converted(reader.get_tensor(key))
+                except (AttributeError, TypeError, SafetensorError) as error:  # a dtype this torch has no type for
+                    raise ConversionError(
+                        f"{shard.path.name}: torch {torch.__version__} cannot read {key} ({shard.tensors[key][0]}: "
+                        f"{error}), and this shard must be rewritten (--dtype, or buffers to drop); upgrade torch or "
+                        "convert without --dtype"
+                    ) from None
+    save_shard(tensors, path)
     return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def save_shard(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """`save_file`, with its I/O errors as OSError: safetensors reports them as SafetensorError with the system's error
+    number only in the text ("... (os error 28)"), and a full disk must be told from a bug."""
+    try:
+        save_file(tensors, path, metadata={"format": "pt"})
+    except SafetensorError as error:
+        code = re.search(r"\(os error (\d+)\)", str(error))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
 
 
 def copy_file(source: Path, destination: Path, bar: tqdm) -> None:
@@ -443,9 +467,14 @@ def copy_file(source: Path, destination: Path, bar: tqdm) -> None:
                 bar.update(len(chunk))
 
 
-def tensor_bytes(shard: SourceShard) -> int:
-    """Bytes of tensor data in a shard, from its header (as the index's `total_size` counts them)."""
-    return sum(DTYPE_BYTES[dtype] * math.prod(shape) for dtype, shape in shard.tensors.values())
+def tensor_bytes(path: Path) -> int:
+    """Bytes of tensor data in a safetensors file (as the index's `total_size` counts them), from the data offsets of
+    its header (checked by `safe_open` before): right for every dtype the format has, including those that torch
+    gives no element size for in every supported release (U16, U32, U64, C64, F8_E8M0, ...)."""
+    with open(path, "rb") as reader:
+        header = json.loads(reader.read(int.from_bytes(reader.read(8), "little")))
+    offsets = [entry["data_offsets"] for name, entry in header.items() if name != "__metadata__"]
+    return sum(end - begin for begin, end in offsets)
 
 
 def initial_attn_res_tensors(model: AttnResForCausalLM, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -463,13 +492,20 @@ def initial_attn_res_tensors(model: AttnResForCausalLM, dtype: torch.dtype) -> d
     return tensors
 
 
-def carry_files(source_dir: Path, work_dir: Path) -> None:
+def carried_files(source_dir: Path) -> list[Path]:
+    """The files of SRC that travel with the weights (`CARRIED_FILES`, `CARRIED_PATTERNS`), checked before anything is
+    written: a symbolic link among them must stay inside SRC (in a Hugging Face cache snapshot, whose files are links
+    to `../../blobs/`, inside the repository's blobs), or a file from elsewhere would be published with the graft."""
     names = set(CARRIED_FILES)
     for pattern in CARRIED_PATTERNS:
         names.update(path.name for path in source_dir.glob(pattern))
-    for name in sorted(names):
-        if (source_dir / name).is_file():
-            shutil.copyfile(source_dir / name, work_dir / name)
+    roots = [source_dir]
+    if source_dir.parent.name == "snapshots":
+        roots.append(source_dir.parent.parent / "blobs")
+    files = [source_dir / name for name in sorted(names) if (source_dir / name).is_file()]
+    for path in files:
+        check_link_inside(path, roots, f"SRC file {path.name}")
+    return files
 
 
 # --- verification ----------------------------------------------------------------------------------------------------
@@ -484,8 +520,14 @@ def verify_graft(
     located = locate_model(str(source), flag="SRC")
     destination = Path(destination)
     if any((destination / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        tokenizer = AutoTokenizer.from_pretrained(destination, trust_remote_code=False)
-        input_ids = tokenizer(text, return_tensors="pt").input_ids
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(destination, trust_remote_code=False)
+            input_ids = tokenizer(text, return_tensors="pt").input_ids
+        except Exception as error:  # tokenizers and transformers raise what the files provoke (JSONDecodeError, ...)
+            raise ConversionError(
+                f"--verify cannot load the tokenizer carried from SRC into {destination} ({type(error).__name__}: "
+                f"{one_line(error)}); fix SRC's tokenizer files and convert again"
+            ) from None
     else:  # no tokenizer: any token ids make the comparison
         input_ids = torch.arange(32)[None] % AttnResConfig.from_pretrained(destination).vocab_size
     base = AutoModelForCausalLM.from_pretrained(

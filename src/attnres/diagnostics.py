@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from .errors import AttnResError
-from .layout import depth_source_names
+from .layout import source_names
 from .model_sources import ModelSource, has_tokenizer_files
 from .peft_support import is_attn_res_parameter
 
@@ -68,9 +68,9 @@ def collect(model, input_ids: torch.Tensor, label: str) -> Diagnostics:
     model.zero_grad(set_to_none=True)
     result = Diagnostics(label, rms, grad_norms, float(outputs.loss.detach()), int(input_ids.numel()))
     if is_attnres:
-        sources = depth_source_names(model.config)
-        result.source_names = [name.removesuffix(" (partial)") for name in sources[-1]]
-        result.row_names = [f"{i // 2}.{'mlp' if i % 2 else 'attn'}" for i in range(len(sources) - 1)] + ["output"]
+        result.source_names = source_names(model.config)
+        sublayers = 2 * model.config.num_hidden_layers
+        result.row_names = [f"{i // 2}.{'mlp' if i % 2 else 'attn'}" for i in range(sublayers)] + ["output"]
         result.depth_attention = []
         for weights in outputs.depth_attentions:
             mean = weights.detach().float().mean(dim=(0, 1)).tolist()

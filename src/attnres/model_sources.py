@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import AttnResError
-from .paths import is_missing_local_path
+from .paths import check_link_inside, is_missing_local_path, os_error_message
 
 
 logger = logging.getLogger(__name__)
@@ -119,6 +119,12 @@ def locate_model(name: str, *, flag: str = "model") -> ModelSource:
     """Tell a checkpoint directory, a GGUF file (or a directory holding exactly one, without a config.json) and a Hub
     id apart; anything else is an `AttnResError` that names `flag` and says what was expected."""
     path = Path(name).expanduser()
+    try:
+        path.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        pass  # no local path (a Hub id, or a path that does not exist: below)
+    except OSError as error:  # a name too long, a symbolic link that loops, ...
+        raise AttnResError(f"{flag} {name!r}: {os_error_message(error)}") from None
     if path.is_file():
         if path.suffix == ".gguf":
             return ModelSource(name, gguf_file=path.absolute())
@@ -245,4 +251,5 @@ def dequantize_gguf(gguf_file: Path, output: Path) -> None:
     tokenizer.save_pretrained(output)
     license_file = gguf_file.parent / "LICENSE"
     if license_file.is_file():
+        check_link_inside(license_file, [gguf_file.parent], f"the LICENSE beside {gguf_file.name}")
         shutil.copyfile(license_file, output / "LICENSE")
