@@ -10,8 +10,8 @@ from packaging.version import Version
 
 
 # The fused Triton kernels (attn_res_implementation="triton") run on CPU tensors under Triton's interpreter, which
-# triton reads when it decorates kernels, its own included: set here, before anything imports triton (transformers does,
-# so this module imports transformers only inside functions). On a machine with a GPU the kernels compile for it.
+# triton reads when it decorates kernels, its own included: set here, before anything imports triton (transformers
+# does, so this module imports transformers only inside functions). On a machine with a GPU the kernels compile for it.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

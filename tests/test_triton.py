@@ -8,6 +8,7 @@ imported), on tiny shapes so that the whole file takes about a minute there."""
 
 import copy
 import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnres import AttnResForCausalLM
+from attnres.model_sources import REMOTE_CODE_FILES
 from attnres.modeling_attnres import (
     AttnResRMSNorm,
     NaiveDepthAttention,
@@ -25,7 +27,6 @@ from attnres.modeling_attnres import (
     depth_attention,
     inverse_rms,
 )
-from attnres.model_sources import REMOTE_CODE_FILES
 from tests.conftest import requires_fullgraph_compile
 from tests.tiny_models import randomize_, tiny_config
 
@@ -341,7 +342,8 @@ try:
     model(torch.load(sys.argv[2]))
 except ImportError as error:
     message = str(error)
-print(json.dumps({{"module": type(model).__module__, "no_triton": modeling.TritonDepthAttention is None, "error": message}}))
+report = {{"module": type(model).__module__, "no_triton": modeling.TritonDepthAttention is None, "error": message}}
+print(json.dumps(report))
 """
 
 
@@ -372,3 +374,23 @@ def test_checkpoints_load_and_run_two_phase_without_triton(tmp_path):
     with torch.no_grad():
         expected = model(ids).logits  # this process: two_phase too (auto on a CPU)
     assert torch.equal(torch.load(tmp_path / "logits.pt"), expected)
+
+
+def test_gpu_benchmark_dry_run(tmp_path):
+    """benchmarks/triton_benchmark.py, written for a GPU, runs every code path on a CPU with --dry-run (tiny shapes,
+    the interpreter, aot_eager compilation) and writes its report, so that it is ready whenever a GPU is lent."""
+    script = Path(__file__).parent.parent / "benchmarks" / "triton_benchmark.py"
+    main = runpy.run_path(str(script), run_name="benchmark")["main"]
+    main(["--device", "cpu", "--dry-run", "--output", str(tmp_path)])
+    report = json.loads((tmp_path / "overhead-cpu-triton-bfloat16.json").read_text())
+    [results] = report["results"].values()
+    assert set(results) == {
+        "prefill 1x8",
+        "decode 4+3",
+        "decode 4+3 (compiled, static cache)",
+        "train step 1x8",
+        "operator",
+    }
+    assert all(set(value) == {"llama", "two_phase", "triton"} for key, value in results.items() if key != "operator")
+    table = (tmp_path / "overhead-cpu-triton-bfloat16.md").read_text()
+    assert "DRY RUN" in table and "| 96 | train step 1x8 |" in table

@@ -45,9 +45,8 @@ from .attnres_triton_kernels import (
 
 # transformers imports a checkpoint's copy of this file under a module name of its own, beside the installed package's:
 # torch.library refuses to define an operator twice, so each copy registers its operators in a namespace of its own.
-NAMESPACE = (
-    "attnres" if __name__ == "attnres.attnres_triton" else "attnres_" + hashlib.sha256(__name__.encode()).hexdigest()[:12]
-)
+MODULE_DIGEST = hashlib.sha256(__name__.encode()).hexdigest()[:12]
+NAMESPACE = "attnres" if __name__ == "attnres.attnres_triton" else f"attnres_{MODULE_DIGEST}"
 
 
 def next_power_of_2(value: int) -> int:
@@ -268,7 +267,10 @@ def merge(
     *tokens_shape, hidden = output.shape
     num_sources, num_tokens = logits.shape[0], logsumexp.numel()
     has_partial, has_norm = partial_sum is not None, norm_weight is not None
-    merged = torch.empty_like(partial_sum, memory_format=torch.contiguous_format) if has_partial else output.new_empty(0)
+    if has_partial:
+        merged = torch.empty_like(partial_sum, memory_format=torch.contiguous_format)
+    else:
+        merged = output.new_empty(0)  # an empty output, not a view of an input: custom operators return none
     normed = (
         output.new_empty(output.shape, dtype=torch.promote_types(norm_weight.dtype, merged.dtype))
         if has_norm

@@ -20,7 +20,12 @@ logger = logging.getLogger(__name__)
 
 # The files `save_pretrained` ships with every AttnRes checkpoint as remote code (modeling_attnres.py imports the
 # others relatively; the Triton files load only where triton does).
-REMOTE_CODE_FILES = ("configuration_attnres.py", "modeling_attnres.py", "attnres_triton.py", "attnres_triton_kernels.py")
+REMOTE_CODE_FILES = (
+    "configuration_attnres.py",
+    "modeling_attnres.py",
+    "attnres_triton.py",
+    "attnres_triton_kernels.py",
+)
 
 
 @dataclass(frozen=True)

@@ -493,8 +493,8 @@ class TwoPhaseDepthAttention:
         return hidden, weights
 
 
-# `config.attn_res_implementation` -> implementation; a fused kernel plugs in with the same two static methods (and
-# may add `merge_norm`, the merge fused with the RMSNorm that reads it). "auto" picks one per device (`depth_attention`).
+# `config.attn_res_implementation` -> implementation; a fused kernel plugs in with the same two static methods (and may
+# add `merge_norm`: the merge fused with the RMSNorm that reads it). "auto" picks one per device (`depth_attention`).
 ATTN_RES_IMPLEMENTATIONS = {
     "naive": NaiveDepthAttention,
     "two_phase": TwoPhaseDepthAttention,
@@ -576,9 +576,9 @@ def commit_source(
 
 class AttnResAggregation(nn.Module):
     """The input of one sublayer (or of the final norm) as a softmax over depth: this aggregation's phase-2 `merge` of
-    its phase-1 read with the running partial sum, by the implementation that made the read, and the PreNorm RMSNorm
-    that reads it, fused into the merge where the implementation can (`merge_norm`) and the norm is a plain
-    `AttnResRMSNorm` that nothing else needs to see called (`is_fusable_norm`).
+    its phase-1 read with the running partial sum, by the implementation that made the read; given the weight and eps
+    of the PreNorm RMSNorm that reads the result, also that norm in the same pass (`merge_norm`; see
+    `normalized_input`).
 
     It holds no weights: its pseudo-query and key norm are its layer's `*_res_proj` / `*_res_norm` (Kimi K3's parameter
     names), which phase 1 reads for every aggregation of a layer or block at once. It is the module that
@@ -594,16 +594,35 @@ class AttnResAggregation(nn.Module):
         implementation: type,
         read,
         partial_sum: torch.Tensor | None,
-        norm: nn.Module,
+        norm_weight: torch.Tensor | None = None,
+        norm_eps: float = 0.0,
         **kwargs: Unpack[TransformersKwargs],
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Returns the aggregated input `h`, its depth weights (when `output_depth_attentions`), and `norm(h)`."""
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Returns the aggregated input `h`, its depth weights (when `output_depth_attentions`), and with `norm_weight`
+        the RMSNorm of `h` (else `None`)."""
         return_weights = kwargs.get("output_depth_attentions", False)
         eps = self.config.rms_norm_eps
-        if hasattr(implementation, "merge_norm") and is_fusable_norm(norm):
-            return implementation.merge_norm(read, partial_sum, eps, return_weights, norm.weight, norm.variance_epsilon)
+        if norm_weight is not None:
+            return implementation.merge_norm(read, partial_sum, eps, return_weights, norm_weight, norm_eps)
         hidden, weights = implementation.merge(read, partial_sum, eps, return_weights)
-        return hidden, weights, norm(hidden)
+        return hidden, weights, None
+
+
+def normalized_input(
+    aggregation: AttnResAggregation,
+    implementation: type,
+    read,
+    partial_sum: torch.Tensor | None,
+    norm: nn.Module,
+    **kwargs: Unpack[TransformersKwargs],
+) -> torch.Tensor:
+    """`norm(h)`, the input a sublayer (or the output head) reads, with `h` from `aggregation`: computed in the merge
+    where the implementation can (`merge_norm`) and the norm may be computed from its weight (`is_fusable_norm`), else
+    by calling the norm. The norm's weight and eps go to the aggregation, never the module: module hooks (accelerate's
+    among them) move a module passed as an argument."""
+    if hasattr(implementation, "merge_norm") and is_fusable_norm(norm):
+        return aggregation(implementation, read, partial_sum, norm.weight, norm.variance_epsilon, **kwargs)[2]
+    return norm(aggregation(implementation, read, partial_sum, **kwargs)[0])
 
 
 def is_fusable_norm(norm: nn.Module) -> bool:
@@ -728,8 +747,8 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
             depth_reads = implementation.read(sources, sources_inv_rms, *self.depth_queries())
         attention_read, mlp_read = depth_reads
 
-        _, _, attention_input = self.attention_input(
-            implementation, attention_read, partial_sum, self.input_layernorm, **kwargs
+        attention_input = normalized_input(
+            self.attention_input, implementation, attention_read, partial_sum, self.input_layernorm, **kwargs
         )
         attention_output, _ = self.self_attn(
             hidden_states=attention_input,
@@ -742,7 +761,8 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         )
         partial_sum = attention_output if partial_sum is None else partial_sum + attention_output
 
-        _, _, mlp_input = self.mlp_input(implementation, mlp_read, partial_sum, self.post_attention_layernorm, **kwargs)
+        mlp_norm = self.post_attention_layernorm
+        mlp_input = normalized_input(self.mlp_input, implementation, mlp_read, partial_sum, mlp_norm, **kwargs)
         mlp_output = self.mlp(mlp_input)
         # CODEPATH: Full AttnRes (residual_mode "full"): every sublayer output is a source of its own.
         if self.mlp_starts_block:
@@ -967,7 +987,7 @@ class AttnResModel(AttnResPreTrainedModel):
         implementation = depth_attention(self.config, hidden_states.device)
         query, key_weight = self.output_attn_res_proj(), self.output_attn_res_norm()
         [read] = implementation.read(sources[:completed], sources_inv_rms[:completed], query, key_weight)
-        _, _, hidden_states = self.final_input(implementation, read, hidden_states, self.norm, **kwargs)
+        hidden_states = normalized_input(self.final_input, implementation, read, hidden_states, self.norm, **kwargs)
         return AttnResModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_NAME: cache})
 
     def blocks(self) -> list[list[AttnResDecoderLayer]]:
