@@ -24,7 +24,6 @@ REMOTE_CODE_FILES = (
     "configuration_attnres.py",
     "modeling_attnres.py",
     "attnres_triton.py",
-    "attnres_triton_kernels.py",
 )
 
 
