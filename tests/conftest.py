@@ -11,8 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from packaging.version import Version
-from transformers import PreTrainedModel
 
+
+# The fused Triton kernels (attn_res_implementation="triton") run on CPU tensors under Triton's interpreter, which
+# triton reads when it decorates kernels, its own included: set here, before anything imports triton (transformers
+# does, so this module imports transformers only inside functions). On a machine with a GPU the kernels compile for it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 # `torch.compile(fullgraph=True)` of a transformers model traces transformers' own forward decorators, which torch
 # 2.6's dynamo cannot (`merge_with_config_defaults` reads `func.__code__`); tested from torch 2.13 on.
@@ -83,6 +88,8 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, kind: str, what: 
 def recorded_model_loads() -> Iterator[list[dict]]:
     """Every model `from_pretrained` made within the block, as `{"use_kernels": what the caller passed (or "absent"),
     "kernelized": the loaded model's use_kernels}`: transformers' own method runs, this only records around it."""
+    from transformers import PreTrainedModel
+
     loads = []
     original = PreTrainedModel.from_pretrained.__func__
 

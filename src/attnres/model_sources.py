@@ -18,8 +18,13 @@ from .paths import check_link_inside, is_missing_local_path, os_error_message
 
 logger = logging.getLogger(__name__)
 
-# The files `save_pretrained` ships with every AttnRes checkpoint as remote code.
-REMOTE_CODE_FILES = ("configuration_attnres.py", "modeling_attnres.py")
+# The files `save_pretrained` ships with every AttnRes checkpoint as remote code (modeling_attnres.py imports the
+# others relatively; the Triton files load only where triton does).
+REMOTE_CODE_FILES = (
+    "configuration_attnres.py",
+    "modeling_attnres.py",
+    "attnres_triton.py",
+)
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,12 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 from .configuration_attnres import AttnResConfig  # checks the transformers version first
 
 
+try:  # the fused kernels need triton, which transformers' remote-code check does not require (it skips `try` blocks)
+    from .attnres_triton import TritonDepthAttention
+except ImportError as error:  # no triton: "auto" runs `two_phase`, and asking for "triton" says why it cannot
+    TritonDepthAttention, TRITON_UNAVAILABLE = None, str(error)
+
+
 logger = logging.get_logger(__name__)
 
 # --- Compatibility across the supported transformers releases --------------------------------------------------------
@@ -487,8 +493,28 @@ class TwoPhaseDepthAttention:
         return hidden, weights
 
 
-# `config.attn_res_implementation` -> implementation; a fused kernel plugs in with the same two static methods.
-ATTN_RES_IMPLEMENTATIONS = {"naive": NaiveDepthAttention, "two_phase": TwoPhaseDepthAttention}
+# `config.attn_res_implementation` -> implementation; a fused kernel plugs in with the same two static methods (and may
+# add `merge_norm`: the merge fused with the RMSNorm that reads it). "auto" picks one per device (`depth_attention`).
+ATTN_RES_IMPLEMENTATIONS = {
+    "naive": NaiveDepthAttention,
+    "two_phase": TwoPhaseDepthAttention,
+    "triton": TritonDepthAttention,  # attnres_triton.py; None where triton does not import
+}
+
+
+def depth_attention(config: AttnResConfig, device: torch.device) -> type:
+    """The implementation `config.attn_res_implementation` names for tensors on `device`; "auto" is the fused Triton
+    kernels on CUDA where triton imports, and `two_phase` everywhere else."""
+    name = config.attn_res_implementation
+    if name == "auto":
+        name = "triton" if device.type == "cuda" and TritonDepthAttention is not None else "two_phase"
+    implementation = ATTN_RES_IMPLEMENTATIONS[name]
+    if implementation is None:
+        raise ImportError(
+            f"attn_res_implementation='triton' needs triton ({TRITON_UNAVAILABLE}): pip install triton, or use "
+            "attn_res_implementation='two_phase'."
+        )
+    return implementation
 
 
 def inverse_rms(hidden_states: torch.Tensor, eps: float) -> torch.Tensor:
@@ -549,9 +575,10 @@ def commit_source(
 
 
 class AttnResAggregation(nn.Module):
-    """The input of one sublayer (or of the final norm) as a softmax over depth, by the implementation that
-    `config.attn_res_implementation` selects: this aggregation's phase-2 `merge` of its phase-1 read with the running
-    partial sum.
+    """The input of one sublayer (or of the final norm) as a softmax over depth: this aggregation's phase-2 `merge` of
+    its phase-1 read with the running partial sum, by the implementation that made the read; given the weight and eps
+    of the PreNorm RMSNorm that reads the result, also that norm in the same pass (`merge_norm`; see
+    `normalized_input`).
 
     It holds no weights: its pseudo-query and key norm are its layer's `*_res_proj` / `*_res_norm` (Kimi K3's parameter
     names), which phase 1 reads for every aggregation of a layer or block at once. It is the module that
@@ -563,11 +590,52 @@ class AttnResAggregation(nn.Module):
         self.config = config
 
     def forward(
-        self, read, partial_sum: torch.Tensor | None, **kwargs: Unpack[TransformersKwargs]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        implementation = ATTN_RES_IMPLEMENTATIONS[self.config.attn_res_implementation]
+        self,
+        implementation: type,
+        read,
+        partial_sum: torch.Tensor | None,
+        norm_weight: torch.Tensor | None = None,
+        norm_eps: float = 0.0,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Returns the aggregated input `h`, its depth weights (when `output_depth_attentions`), and with `norm_weight`
+        the RMSNorm of `h` (else `None`)."""
         return_weights = kwargs.get("output_depth_attentions", False)
-        return implementation.merge(read, partial_sum, self.config.rms_norm_eps, return_weights)
+        eps = self.config.rms_norm_eps
+        if norm_weight is not None:
+            return implementation.merge_norm(read, partial_sum, eps, return_weights, norm_weight, norm_eps)
+        hidden, weights = implementation.merge(read, partial_sum, eps, return_weights)
+        return hidden, weights, None
+
+
+def normalized_input(
+    aggregation: AttnResAggregation,
+    implementation: type,
+    read,
+    partial_sum: torch.Tensor | None,
+    norm: nn.Module,
+    **kwargs: Unpack[TransformersKwargs],
+) -> torch.Tensor:
+    """`norm(h)`, the input a sublayer (or the output head) reads, with `h` from `aggregation`: computed in the merge
+    where the implementation can (`merge_norm`) and the norm may be computed from its weight (`is_fusable_norm`), else
+    by calling the norm. The norm's weight and eps go to the aggregation, never the module: module hooks (accelerate's
+    among them) move a module passed as an argument."""
+    if hasattr(implementation, "merge_norm") and is_fusable_norm(norm):
+        return aggregation(implementation, read, partial_sum, norm.weight, norm.variance_epsilon, **kwargs)[2]
+    return norm(aggregation(implementation, read, partial_sum, **kwargs)[0])
+
+
+def is_fusable_norm(norm: nn.Module) -> bool:
+    """Whether a kernel may compute `norm` from its weight and eps instead of calling it: a plain `AttnResRMSNorm`
+    with no hooks and no replaced `forward` (PEFT wrappers, accelerate's offloading hooks, user hooks all need the
+    call), holding its whole weight (not an FSDP or ZeRO-3 shard, nor an offloaded placeholder on the meta device)."""
+    return (
+        type(norm) is AttnResRMSNorm
+        and not (norm._forward_hooks or norm._forward_pre_hooks)
+        and "forward" not in vars(norm)
+        and norm.weight.device.type != "meta"
+        and holds_full_parameters(norm, norm.weight.device)
+    )
 
 
 def holds_full_parameters(module: nn.Module, device: torch.device) -> bool:
@@ -674,14 +742,16 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
 
         Returns the running sum after the layer and, in Full AttnRes, the attention output for the model to commit."""
         partial_sum = None if self.starts_block else hidden_states
+        implementation = depth_attention(self.config, hidden_states.device)
         if depth_reads is None:
-            implementation = ATTN_RES_IMPLEMENTATIONS[self.config.attn_res_implementation]
             depth_reads = implementation.read(sources, sources_inv_rms, *self.depth_queries())
         attention_read, mlp_read = depth_reads
 
-        attention_input, _ = self.attention_input(attention_read, partial_sum, **kwargs)
+        attention_input = normalized_input(
+            self.attention_input, implementation, attention_read, partial_sum, self.input_layernorm, **kwargs
+        )
         attention_output, _ = self.self_attn(
-            hidden_states=self.input_layernorm(attention_input),
+            hidden_states=attention_input,
             attention_mask=attention_mask,
             position_ids=position_ids,
             cache=cache,
@@ -691,8 +761,9 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         )
         partial_sum = attention_output if partial_sum is None else partial_sum + attention_output
 
-        mlp_input, _ = self.mlp_input(mlp_read, partial_sum, **kwargs)
-        mlp_output = self.mlp(self.post_attention_layernorm(mlp_input))
+        mlp_norm = self.post_attention_layernorm
+        mlp_input = normalized_input(self.mlp_input, implementation, mlp_read, partial_sum, mlp_norm, **kwargs)
+        mlp_output = self.mlp(mlp_input)
         # CODEPATH: Full AttnRes (residual_mode "full"): every sublayer output is a source of its own.
         if self.mlp_starts_block:
             return mlp_output, attention_output
@@ -814,9 +885,9 @@ class AttnResModel(AttnResPreTrainedModel):
 
     def __init__(self, config: AttnResConfig):
         super().__init__(config)
-        if config.attn_res_implementation not in ATTN_RES_IMPLEMENTATIONS:
+        if config.attn_res_implementation not in {"auto", *ATTN_RES_IMPLEMENTATIONS}:
             raise ValueError(
-                f"attn_res_implementation must be one of {sorted(ATTN_RES_IMPLEMENTATIONS)}, got "
+                f"attn_res_implementation must be one of {sorted({'auto', *ATTN_RES_IMPLEMENTATIONS})}, got "
                 f"{config.attn_res_implementation!r}."
             )
         self.padding_idx = config.pad_token_id
@@ -913,11 +984,10 @@ class AttnResModel(AttnResPreTrainedModel):
                     )
                     completed += 1
 
-        implementation = ATTN_RES_IMPLEMENTATIONS[self.config.attn_res_implementation]
+        implementation = depth_attention(self.config, hidden_states.device)
         query, key_weight = self.output_attn_res_proj(), self.output_attn_res_norm()
         [read] = implementation.read(sources[:completed], sources_inv_rms[:completed], query, key_weight)
-        hidden_states, _ = self.final_input(read, hidden_states, **kwargs)
-        hidden_states = self.norm(hidden_states)
+        hidden_states = normalized_input(self.final_input, implementation, read, hidden_states, self.norm, **kwargs)
         return AttnResModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_NAME: cache})
 
     def blocks(self) -> list[list[AttnResDecoderLayer]]:
@@ -944,7 +1014,7 @@ class AttnResModel(AttnResPreTrainedModel):
         if len(sharing) < 2 or not all(holds_full_parameters(layer, sources.device) for layer in block):
             return reads
         queries, key_weights = zip(*(block[index].depth_queries() for index in sharing))
-        implementation = ATTN_RES_IMPLEMENTATIONS[self.config.attn_res_implementation]
+        implementation = depth_attention(self.config, sources.device)
         shared = implementation.read(sources, sources_inv_rms, torch.cat(queries), torch.cat(key_weights))
         for position, index in enumerate(sharing):
             reads[index] = shared[2 * position : 2 * position + 2]
