@@ -11,7 +11,7 @@ from tests.tiny_models import COMMON, tiny_config
 
 def test_defaults_follow_the_paper():
     config = AttnResConfig()
-    assert config.residual_mode == "block" and config.attn_res_implementation == "auto"
+    assert config.residual_mode == "block" and config.attn_res_implementation == "two_phase"
     assert config.num_hidden_layers == 32
     assert (config.attn_res_num_blocks, config.attn_res_block_size) == (8, 4)  # N = 8
     assert config.head_dim == 128 and config.num_key_value_heads == 32

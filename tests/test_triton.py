@@ -317,8 +317,7 @@ def test_compiled_model_equals_eager():
 
 
 def test_auto_is_triton_on_cuda_and_two_phase_elsewhere():
-    config = tiny_config()
-    assert config.attn_res_implementation == "auto"
+    config = tiny_config(attn_res_implementation="auto")
     assert depth_attention(config, torch.device("cuda", 0)) is TritonDepthAttention
     assert depth_attention(config, torch.device("cpu")) is TwoPhaseDepthAttention
     config.attn_res_implementation = "triton"

@@ -73,12 +73,13 @@ class AttnResConfig(PreTrainedConfig):
             be smaller than asked, e.g. 28 layers with `N=8` give blocks of 4 layers and 7 blocks; a warning says
             so). With neither field given, `N = min(8, num_hidden_layers)`. Both fields describe the partition
             `"block"` mode uses; they are kept (and ignored) in `"full"` mode so that one config can be switched.
-        attn_res_implementation (`str`, *optional*, defaults to `"auto"`):
+        attn_res_implementation (`str`, *optional*, defaults to `"two_phase"`):
             How the depth softmax is computed: `"two_phase"` (the paper's two-phase computation, O(N·d) memory),
             `"triton"` (the same computation as fused Triton kernels, on a GPU; needs `pip install triton`),
             `"naive"` (the paper's equations as written; the reference), or `"auto"`: `"triton"` on CUDA where triton
             imports, `"two_phase"` elsewhere. All compute the same function; see `ATTN_RES_IMPLEMENTATIONS` in
-            `modeling_attnres.py`.
+            `modeling_attnres.py`. The default stays `"two_phase"` until the Triton kernels have been compiled and
+            tested on a GPU (so far they have run only under Triton's interpreter).
         qk_norm (`bool`, *optional*, defaults to `False`):
             RMSNorm on each query and key head before RoPE (Qwen3).
         qkv_bias (`bool`, *optional*, defaults to `False`):
@@ -131,7 +132,7 @@ class AttnResConfig(PreTrainedConfig):
     residual_mode: str = "block"
     attn_res_block_size: int | None = None
     attn_res_num_blocks: int | None = None
-    attn_res_implementation: str = "auto"
+    attn_res_implementation: str = "two_phase"
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None and self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads == 0:
