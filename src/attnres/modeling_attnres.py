@@ -480,10 +480,13 @@ class PhaseOneFunction(torch.autograd.Function):
 
         grad_sources = grad_inv_rms = grad_queries = None
         if ctx.needs_input_grad[0]:
-            grad_sources = torch.mm(grad_scores.view(-1, num_queries), queries).view(num_sources, tokens, hidden)
-            if grad_outputs is not None:  # Σ_q p_q g_q per token, added in place: (tokens, sources, hidden) view
-                grad_sources.transpose(0, 1).baddbmm_(probabilities.transpose(0, 1), grad_outputs)
-            grad_sources = grad_sources.view(num_sources, batch, seq, hidden)
+            # Token-major (tokens, sources, hidden), so that the weighted sum's gradient, Σ_q p_q g_q per token, is
+            # added in place by one batched product (into a source-major view BLAS would take one call per token).
+            grad_sources = torch.mm(grad_scores.transpose(0, 1).reshape(-1, num_queries), queries)
+            grad_sources = grad_sources.view(tokens, num_sources, hidden)
+            if grad_outputs is not None:
+                grad_sources.baddbmm_(probabilities.transpose(0, 1), grad_outputs)
+            grad_sources = grad_sources.transpose(0, 1).view(num_sources, batch, seq, hidden)
         if ctx.needs_input_grad[1]:
             grad_inv_rms = (grad_logits * scores.view_as(grad_logits)).sum(-1).view(num_sources, batch, seq)
         if ctx.needs_input_grad[2]:
