@@ -31,16 +31,21 @@ def attnres_functions() -> set[tuple[int, str]]:
     code = modeling_attnres
     functions = [
         code.phase_one,
-        code.commit_source,
+        code.phase_two,
+        code.fold_queries,
+        code.host_scalar,
+        code.norm_with_eps,
         code.inverse_rms,
         code.cast,
-        code.AttnResDecoderLayer.depth_queries,
-        code.AttnResModel.read_block,
+        code.AttnResDecoderLayer.depth_query_parts,
+        code.AttnResModel.depth_queries,
     ]
     for cls in (
         code.PhaseOneFunction,
+        code.PhaseTwoFunction,
         code.TwoPhaseDepthAttention,
         code.CommitSourceFunction,
+        code.CompletedSources,
         code.AttnResPseudoQuery,
         code.AttnResKeyNorm,
         code.AttnResAggregation,

@@ -205,7 +205,7 @@ def operator(args, hidden: int, num_sources: int = 8, num_queries: int = 8, toke
     norm_weight = torch.ones(hidden, device=args.device, dtype=dtype, requires_grad=True)
 
     def ours():
-        reads = TritonDepthAttention.read(sources, inverse_rms(sources, 1e-6), queries, key_weights)
+        reads = TritonDepthAttention.read(sources, inverse_rms(sources, 1e-6), queries * key_weights)  # w ⊙ γ
         normed = [TritonDepthAttention.merge_norm(r, partial_sum, 1e-6, False, norm_weight, 1e-6)[2] for r in reads]
         sum(n.float().sum() for n in normed).backward()
 

@@ -400,12 +400,30 @@ def test_block_activation_memory_grows_linearly_with_the_number_of_blocks(checkp
     """Block AttnRes needs O(N·d) activation memory per token for its sources (paper §4): each completed block is
     kept once, however many later blocks read it, with activation checkpointing (which saves every layer's inputs,
     the source buffers among them) as without. Keeping a stacked copy per block instead costs Σ_k k = O(N²)
-    d-vectors. On 16 layers, going from N = 8 to N = 16 must then add about as much memory as going from 4 to 8
-    twice over (8 more sources vs 4, with the per-layer terms unchanged), not Σ_{9..16} k / Σ_{5..8} k ≈ 3.8 times."""
+    d-vectors. On 16 layers, going from N = 8 to N = 16 blocks may then add at most the 8 new sources; a stack per
+    block would add Σ_{9..16} k = 100, and the naive implementation's stack per aggregation adds about 170 (the
+    negative control below).
+
+    Other terms move with N too, so the test bounds the growth rather than asserting it: a block start reads a view
+    of phase 1's output where a merge writes a new input that the PreNorm keeps, one d-vector less per block.
+    Without checkpointing that saving and the new sources cancel (measured: no growth at all)."""
+    added = sources_held_by_eight_more_blocks(checkpointing, "two_phase")
+    assert added <= 1.25 * 8
+
+
+def test_the_naive_implementation_holds_more_than_linear_memory():
+    """Negative control of the test above: the measurement sees a stack per aggregation."""
+    assert sources_held_by_eight_more_blocks(None, "naive") > 2 * 8
+
+
+def sources_held_by_eight_more_blocks(checkpointing: dict | None, implementation: str) -> float:
+    """The activation memory that Block AttnRes on 16 layers holds for its backward with N = 16 blocks beyond N = 8,
+    in units of one fp32 source and its 1 / rms."""
     ids = random_ids()
     held = {}
-    for num_blocks in (4, 8, 16):
-        model = attnres_model("block", query_std=0.3, num_hidden_layers=16, attn_res_num_blocks=num_blocks).train()
+    for num_blocks in (8, 16):
+        model = attnres_model("block", query_std=0.3, num_hidden_layers=16, attn_res_num_blocks=num_blocks,
+                              attn_res_implementation=implementation).train()  # fmt: skip
         if checkpointing is not None:
             model.activation_checkpointing_enable(**checkpointing)
         measured = []
@@ -413,9 +431,9 @@ def test_block_activation_memory_grows_linearly_with_the_number_of_blocks(checkp
             model.zero_grad(set_to_none=True)
             measured.append(step_memory(model, ids)[0])
         held[num_blocks] = min(measured)
-    growth = (held[16] - held[8]) / (held[8] - held[4])
-    print(f"[memory] {checkpointing}: held bytes for N = 4, 8, 16: {held}; growth ratio {growth:.2f} (linear: 2)")
-    assert 1.5 < growth < 2.5
+    added = (held[16] - held[8]) / (ids.numel() * (model.config.hidden_size + 1) * 4)
+    print(f"[memory] {implementation} {checkpointing}: held bytes for N = 8, 16: {held}; 8 more blocks: {added:.2f}")
+    return added
 
 
 @pytest.mark.parametrize("mode", ["block", "full"])

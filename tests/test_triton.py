@@ -77,7 +77,7 @@ def aggregate(implementation, sources, queries, key_weights, partial_sum, norm_w
     """Every aggregation of one block through `implementation`: each query's input, depth weights and normalised
     input (by the fused `merge_norm`, or by `merge` and then `AttnResRMSNorm` as a module)."""
     eps, norm_eps = 1e-6, 1e-5 / 9  # the key eps, and a PreNorm eps divided by n², as the model's are
-    reads = implementation.read(sources, inverse_rms(sources, eps), queries, key_weights)
+    reads = implementation.read(sources, inverse_rms(sources, eps), queries * key_weights)  # `fold_queries`' w ⊙ γ
     results = []
     for read in reads:
         if fused:
@@ -161,7 +161,7 @@ def test_merge_without_norm_is_two_phase_merge():
     """`merge` (the path for a norm that must be called as a module) gives what `TwoPhaseDepthAttention.merge` gives,
     for the same phase-1 inputs."""
     inputs = random_inputs(3, 64, torch.float32)
-    args = (inputs["sources"], inverse_rms(inputs["sources"], 1e-6), inputs["queries"], inputs["key_weights"])
+    args = (inputs["sources"], inverse_rms(inputs["sources"], 1e-6), inputs["queries"] * inputs["key_weights"])
     for ours, theirs in zip(TritonDepthAttention.read(*args), TwoPhaseDepthAttention.read(*args)):
         for partial_sum in (inputs["partial_sum"], None):
             for actual, expected in zip(
@@ -286,7 +286,8 @@ def test_one_phase_one_launch_per_block_and_one_merge_per_sublayer_with_its_norm
         with torch.no_grad(), OperatorCounter() as counter:
             logits = fused(ids, attention_mask=mask).logits
         launches = {name.split("::")[1]: n for name, n in counter.counts.items() if not name.startswith("aten::")}
-        assert launches == {"phase_one": 3 + 1, "merge": 2 * 5 + 1}, launches  # 3 blocks + the output
+        # 3 blocks (the output's query joins the last block's phase 1), 10 sublayers + the output
+        assert launches == {"phase_one": 3, "merge": 2 * 5 + 1}, launches
         assert norm_calls == []
         hooked = fused.model.layers[1].input_layernorm
         hooked.register_forward_hook(lambda *_: None)

@@ -856,17 +856,16 @@ class TritonDepthAttention:
     """The paper's two-phase computation (§4.2, Algorithm 1) as fused Triton kernels: `TwoPhaseDepthAttention`'s
     math, with each phase one kernel launch. See `NaiveDepthAttention` for the interface.
 
-    `read` is one `phase_one` launch for all the queries of a block (each query's `w ⊙ γ` is formed first, one
-    elementwise product for the block). `merge_norm` is one `merge` launch per sublayer: the online-softmax merge with
-    the running partial sum, the PreNorm RMSNorm that reads the result and, when asked, the depth weights, where the
-    eager path runs a dozen operators. `merge` is the same launch without the RMSNorm, for a norm that must be called
-    as a module (hooked, wrapped or offloaded). Activation memory is O(N·d) as in `TwoPhaseDepthAttention`: phase 1
-    keeps only its logits and log-sum-exps and reads the sources back from the shared buffer."""
+    `read` is one `phase_one` launch for all the queries of a block (`w ⊙ γ`, folded by the model). `merge_norm` is one
+    `merge` launch per sublayer: the online-softmax merge with the running partial sum, the PreNorm RMSNorm that reads
+    the result and, when asked, the depth weights, where the eager path runs a dozen operators. `merge` is the same
+    launch without the RMSNorm, for a norm that must be called as a module (hooked, wrapped or offloaded). Activation
+    memory is O(N·d) as in `TwoPhaseDepthAttention`: phase 1 keeps only its logits and log-sum-exps and reads the
+    sources back from the shared buffer."""
 
     @staticmethod
-    def read(sources, sources_inv_rms, queries, key_weights) -> list:
+    def read(sources, sources_inv_rms, queries) -> list:
         check_device(sources)
-        queries = queries * key_weights
         outputs, logsumexp, logits = phase_one(sources, sources_inv_rms, queries)
         return list(zip(outputs.unbind(0), logsumexp.unbind(0), logits.unbind(0), queries.unbind(0)))
 

@@ -305,8 +305,8 @@ class AttnResPseudoQuery(nn.Module):
         self.weight = nn.Parameter(torch.empty(1, hidden_size))
 
     def forward(self) -> torch.Tensor:
-        """`w`, fp32, `(1, hidden)`."""
-        return as_float32(self.weight)
+        """`w`, `(1, hidden)`, in the parameter's dtype (`fold_queries` casts all the queries it stacks at once)."""
+        return self.weight
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.weight.shape[-1]}"
@@ -321,22 +321,29 @@ class AttnResKeyNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(hidden_size))
 
     def forward(self) -> torch.Tensor:
-        """`γ`, fp32, `(1, hidden)`."""
-        return as_float32(self.weight).unsqueeze(0)
+        """`γ`, `(hidden,)`, in the parameter's dtype."""
+        return self.weight
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.weight.shape[-1]}"
 
 
-def naive_depth_attention(
-    values: torch.Tensor, query: torch.Tensor, key_weight: torch.Tensor, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+def fold_queries(pseudo_queries: list[torch.Tensor], key_weights: list[torch.Tensor]) -> torch.Tensor:
+    """The queries of several aggregations as the implementations take them: `w ⊙ γ`, fp32 `(n, hidden)`.
+
+    The key norm's scale folds into the query, `w · (γ ⊙ v / rms(v)) = (w ⊙ γ) · v / rms(v)`, so that no
+    implementation scales the sources per query. Three operations (five in half precision) whatever `n`: the model
+    folds the queries of all the aggregations it reads once per forward."""
+    return as_float32(torch.cat(pseudo_queries)) * as_float32(torch.stack(key_weights))
+
+
+def naive_depth_attention(values: torch.Tensor, query: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """One aggregation exactly as the paper writes it (Eq. 2-4; Figure 2's `block_attn_res`): the reference.
 
     Args:
         values (`torch.Tensor` of shape `(num_sources, batch, seq, hidden)`): the sources `v_i`, oldest first.
-        query (`torch.Tensor` of shape `(hidden,)`): the pseudo-query `w`.
-        key_weight (`torch.Tensor` of shape `(hidden,)`): the key RMSNorm's scale `γ`.
+        query (`torch.Tensor` of shape `(hidden,)`): the pseudo-query with the key norm's scale folded in, `w ⊙ γ`
+            (`fold_queries`).
         eps (`float`): the key RMSNorm's epsilon.
 
     Returns:
@@ -344,7 +351,7 @@ def naive_depth_attention(
         num_sources)`. Everything is computed in fp32, whatever the model's dtype.
     """
     values32 = values.float()
-    keys = key_weight * values32 * torch.rsqrt(values32.pow(2).mean(-1, keepdim=True) + eps)  # k_i = RMSNorm(v_i)
+    keys = values32 * torch.rsqrt(values32.pow(2).mean(-1, keepdim=True) + eps)  # k_i = RMSNorm(v_i) / γ
     weights = torch.einsum("d,nbsd->nbs", query, keys).softmax(dim=0)  # φ(w, k) = exp(wᵀk): no temperature
     hidden = torch.einsum("nbs,nbsd->bsd", weights, values32)  # Σ_i α_i v_i, over raw (unnormalised) values
     return hidden.to(values.dtype), weights.permute(1, 2, 0)
@@ -356,21 +363,53 @@ class NaiveDepthAttention:
     keeps each stack: O(L²·d) activation memory in Full AttnRes. It is the reference the other implementations are
     tested against.
 
-    The interface, for any implementation: `read(sources, sources_inv_rms, queries, key_weights)` does whatever can
-    be done before the partial sum exists, for several aggregations at once, and returns one opaque read per query;
-    `merge(read, partial_sum, eps, return_weights)` gives one aggregation's input `(batch, seq, hidden)` and, if asked,
-    its weights `(batch, seq, num_sources)` over the completed sources then the partial sum."""
+    The interface, for any implementation: `read(sources, sources_inv_rms, queries)` does whatever can be done before
+    the partial sum exists, for several aggregations at once, and returns one opaque read per query. `sources`
+    `(num_sources, batch, seq, hidden)` are the completed sources in the model's dtype, `sources_inv_rms` their
+    `1 / rms(v_i)` (fp32, with the key norm's eps), `queries` `(num_queries, hidden)` fp32 `w ⊙ γ` (`fold_queries`).
+    `merge(read, partial_sum, eps, return_weights)` gives one aggregation's input `(batch, seq, hidden)` and, if
+    asked, its weights `(batch, seq, num_sources)` over the completed sources then the partial sum."""
 
     @staticmethod
-    def read(sources, sources_inv_rms, queries, key_weights) -> list:
-        return [(sources, query, key_weight) for query, key_weight in zip(queries, key_weights)]
+    def read(sources, sources_inv_rms, queries) -> list:
+        return [(sources, query) for query in queries]
 
     @staticmethod
     def merge(read, partial_sum, eps: float, return_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        sources, query, key_weight = read
+        sources, query = read
         values = sources if partial_sum is None else torch.cat([sources, partial_sum.unsqueeze(0)])
-        hidden, weights = naive_depth_attention(values, query, key_weight, eps)
+        hidden, weights = naive_depth_attention(values, query, eps)
         return hidden, weights if return_weights else None
+
+
+def host_scalar(value: float) -> torch.Tensor:
+    """`value` as a 0-dim fp32 CPU tensor: a binary operator on any device takes it as a kernel argument (PyTorch
+    lets 0-dim CPU tensors meet tensors on other devices), without a launch or a copy, where a Python number would
+    not be accepted (`hypot`) or would need an operator of its own."""
+    return torch.tensor(value, dtype=torch.float32)
+
+
+def norm_with_eps(hidden_states: torch.Tensor, eps: float) -> torch.Tensor:
+    """`sqrt(|x|² + d·eps) = sqrt(d) · rms_eps(x)` over the hidden dimension `d`, fp32, from `x` in any dtype, in
+    two operations (a norm, then a `hypot` with the constant) where `rsqrt(mean(x²) + eps)` takes four.
+
+    Under `torch.compile` the constant is folded by plain arithmetic instead, which the compiler fuses; a CPU tensor
+    in a graph would keep it from capturing CUDA graphs."""
+    norm = torch.linalg.vector_norm(hidden_states, dim=-1, dtype=torch.float32)
+    scaled_eps = hidden_states.shape[-1] * eps
+    if torch.compiler.is_compiling():
+        return torch.sqrt(norm * norm + scaled_eps)
+    return torch.hypot(norm, host_scalar(scaled_eps**0.5))
+
+
+def inverse_rms(hidden_states: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`1 / sqrt(mean(x²) + eps) = sqrt(d) / norm_with_eps(x)`, fp32: (..., hidden) -> (...), written into `out` when
+    given (a slot of the sources' buffer: no copy)."""
+    sqrt_hidden = hidden_states.shape[-1] ** 0.5
+    if torch.compiler.is_compiling():
+        inv_rms = sqrt_hidden / norm_with_eps(hidden_states, eps)
+        return inv_rms if out is None else out.copy_(inv_rms)
+    return torch.div(host_scalar(sqrt_hidden), norm_with_eps(hidden_states, eps), out=out)
 
 
 def phase_one(
@@ -384,29 +423,30 @@ def phase_one(
         queries (`torch.Tensor` of shape `(num_queries, hidden)`): each aggregation's `w ⊙ γ`, fp32.
 
     Returns:
-        `outputs` `(batch, seq, num_queries, hidden)` in the sources' dtype, and fp32 `logsumexp` `(batch, seq,
-        num_queries)`, `logits` and `probabilities` `(num_sources, batch, seq, num_queries)`.
+        fp32 `outputs` `(batch, seq, num_queries, hidden)` (phase 2 mixes them in fp32: no round trip through the
+        sources' dtype), `logsumexp` `(batch, seq, num_queries)`, and `scores` (`w ⊙ γ · v`, before the `1 / rms`)
+        and `probabilities` `(num_sources, batch, seq, num_queries)`.
     """
     num_sources, batch, seq, hidden = sources.shape
     stack = as_float32(sources)
-    logits = torch.matmul(stack, queries.t()) * sources_inv_rms.unsqueeze(-1)  # w · γ ⊙ v / rms(v)
+    scores = torch.matmul(stack, queries.t())
+    logits = scores * sources_inv_rms.unsqueeze(-1)  # w · γ ⊙ v / rms(v)
     probabilities = torch.softmax(logits, dim=0)
-    # p_max = exp(max(logits) - logsumexp) lies in [1/num_sources, 1], so this is exact and never overflows, in a
-    # third of the operations of torch.logsumexp (which matter when decoding one token at a time)
-    logsumexp = logits.amax(dim=0) - probabilities.amax(dim=0).log()
+    # the last entry of the running log-sum-exp: one operator, and as exact as torch.logsumexp's several
+    logsumexp = torch.logcumsumexp(logits, dim=0)[-1]
     # one (queries x sources) @ (sources x hidden) product per token, on strided views: BLAS reads them in place
     outputs = torch.bmm(
         probabilities.view(num_sources, batch * seq, -1).permute(1, 2, 0),
         stack.view(num_sources, batch * seq, hidden).transpose(0, 1),
     )
-    return cast(outputs.view(batch, seq, -1, hidden), sources.dtype), logsumexp, logits, probabilities
+    return outputs.view(batch, seq, -1, hidden), logsumexp, scores, probabilities
 
 
 class PhaseOneFunction(torch.autograd.Function):
     """`phase_one` with a hand-written backward that keeps no copy of the sources.
 
     Autograd would save each block's stack of sources for its backward: O(N²·d) per token over N blocks, where Block
-    AttnRes needs O(N·d). This function saves only the small logits and probabilities and reads the sources back from
+    AttnRes needs O(N·d). This function saves only the small scores and probabilities and reads the sources back from
     the buffer they live in (held as a plain reference: saved-tensor hooks such as activation offloading would pack
     the buffer once per block, the O(N²) this function exists to avoid). Later commits only write slots beyond the
     ones it read (`CommitSourceFunction`), so what it reads back is what it read.
@@ -414,82 +454,147 @@ class PhaseOneFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, sources, sources_inv_rms, queries):
-        outputs, logsumexp, logits, probabilities = phase_one(sources, sources_inv_rms, queries)
+        outputs, logsumexp, scores, probabilities = phase_one(sources, sources_inv_rms, queries)
         ctx.sources, ctx.sources_inv_rms = sources, sources_inv_rms
-        ctx.save_for_backward(queries, logits, probabilities)
+        ctx.save_for_backward(queries, scores, probabilities)
+        ctx.set_materialize_grads(False)  # an output nothing reads gets None, not a tensor of zeros
         return outputs, logsumexp, probabilities
 
     @staticmethod
     def backward(ctx, grad_outputs, grad_logsumexp, grad_probabilities):
-        queries, logits, probabilities = ctx.saved_tensors
+        queries, scores, probabilities = ctx.saved_tensors
         num_sources, batch, seq, hidden = ctx.sources.shape
         tokens, num_queries = batch * seq, queries.shape[0]
         stack = as_float32(ctx.sources).view(num_sources, tokens, hidden)
-        inv_rms = ctx.sources_inv_rms.view(num_sources, tokens, 1)
         probabilities = probabilities.view(num_sources, tokens, num_queries)
 
         # All that reaches the probabilities: directly, and through the weighted sum `outputs = Σ_i p_i v_i`.
-        grad_p = (
-            torch.zeros_like(probabilities)
-            if grad_probabilities is None
-            else grad_probabilities.reshape(probabilities.shape)
-        )
-        grad_stack = None
+        grad_p = None if grad_probabilities is None else grad_probabilities.view_as(probabilities)
         if grad_outputs is not None:
-            grad_outputs = as_float32(grad_outputs).reshape(tokens, num_queries, hidden)
-            grad_p = grad_p + torch.bmm(grad_outputs, stack.permute(1, 2, 0)).permute(2, 0, 1)
-            grad_stack = torch.bmm(probabilities.permute(1, 0, 2), grad_outputs).transpose(0, 1)  # Σ_q p ⋅ g
-        # softmax backward, plus d logsumexp / d logits = p
-        grad_logits = probabilities * (grad_p - (probabilities * grad_p).sum(0, keepdim=True))
-        if grad_logsumexp is not None:
-            grad_logits = grad_logits + probabilities * grad_logsumexp.view(1, tokens, num_queries)
-        grad_scores = grad_logits * inv_rms  # logits = (v · q) / rms(v)
+            grad_outputs = grad_outputs.reshape(tokens, num_queries, hidden)
+            through_outputs = torch.bmm(grad_outputs, stack.permute(1, 2, 0)).permute(2, 0, 1)
+            grad_p = through_outputs if grad_p is None else grad_p + through_outputs
+        # softmax backward, p ⊙ (g - Σ_i p_i g_i), plus d logsumexp / d logits = p
+        grad_logsumexp = None if grad_logsumexp is None else grad_logsumexp.view(tokens, num_queries)
+        if grad_p is None:
+            grad_logits = probabilities * grad_logsumexp
+        else:
+            weighted = probabilities * grad_p
+            centre = weighted.sum(0) if grad_logsumexp is None else weighted.sum(0) - grad_logsumexp
+            grad_logits = torch.addcmul(weighted, probabilities, centre, value=-1)
+        grad_scores = grad_logits * ctx.sources_inv_rms.view(num_sources, tokens, 1)  # logits = scores / rms(v)
 
         grad_sources = grad_inv_rms = grad_queries = None
         if ctx.needs_input_grad[0]:
-            grad_from_logits = torch.mm(grad_scores.view(-1, num_queries), queries).view(num_sources, tokens, hidden)
-            grad_stack = grad_from_logits if grad_stack is None else grad_stack + grad_from_logits
-            grad_sources = grad_stack.view(num_sources, batch, seq, hidden)
+            # Token-major (tokens, sources, hidden), so that the weighted sum's gradient, Σ_q p_q g_q per token, is
+            # added in place by one batched product (into a source-major view BLAS would take one call per token).
+            grad_sources = torch.mm(grad_scores.transpose(0, 1).reshape(-1, num_queries), queries)
+            grad_sources = grad_sources.view(tokens, num_sources, hidden)
+            if grad_outputs is not None:
+                grad_sources.baddbmm_(probabilities.transpose(0, 1), grad_outputs)
+            grad_sources = grad_sources.transpose(0, 1).view(num_sources, batch, seq, hidden)
         if ctx.needs_input_grad[1]:
-            grad_inv_rms = (grad_logits * logits.view_as(grad_logits)).sum(-1) / inv_rms.squeeze(-1)
-            grad_inv_rms = grad_inv_rms.view(num_sources, batch, seq)
+            grad_inv_rms = (grad_logits * scores.view_as(grad_logits)).sum(-1).view(num_sources, batch, seq)
         if ctx.needs_input_grad[2]:
-            grad_queries = torch.mm(grad_scores.view(-1, num_queries).t(), stack.reshape(-1, hidden))
+            grad_queries = torch.mm(grad_scores.view(-1, num_queries).t(), stack.view(-1, hidden))
         return grad_sources, grad_inv_rms, grad_queries
+
+
+def phase_two(
+    output: torch.Tensor, logsumexp: torch.Tensor, query: torch.Tensor, partial_sum: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Phase 2 (Algorithm 1's online-softmax merge): the running partial sum `p` joins phase 1's read as one more
+    source, which is exactly the one-shot softmax over all sources.
+
+    The completed sources' total weight is `e^ℓ / (e^ℓ + e^s) = sigmoid(ℓ - s)`, with `ℓ` their log-sum-exp and
+    `s = w ⊙ γ · p / rms(p)` the partial sum's logit, and the input is the lerp from `p` to phase 1's (fp32) output
+    `o` by that weight: six operators, whatever the number of sources.
+
+    Returns the input `(batch, seq, hidden)` in the partial sum's dtype, the completed sources' total weight, and,
+    for the backward, `norm_with_eps(p)` and `w ⊙ γ · p` (fp32, `(batch, seq)` each)."""
+    partial32 = as_float32(partial_sum)
+    norm = norm_with_eps(partial_sum, eps)
+    dot = torch.matmul(partial32, query)
+    # ℓ - s, with s = dot / rms(p) = sqrt(d) · dot / norm_with_eps(p)
+    completed_weight = torch.sigmoid(torch.addcdiv(logsumexp, dot, norm, value=-(partial_sum.shape[-1] ** 0.5)))
+    hidden = torch.lerp(partial32, output, completed_weight.unsqueeze(-1))
+    return cast(hidden, partial_sum.dtype), completed_weight, norm, dot
+
+
+class PhaseTwoFunction(torch.autograd.Function):
+    """`phase_two` with a hand-written backward: about half the operators autograd would record for its six, each
+    one pass over at most three hidden-size tensors (the partial sum, phase 1's output and the incoming gradient)."""
+
+    @staticmethod
+    def forward(ctx, output, logsumexp, query, partial_sum, eps):
+        hidden, completed_weight, norm, dot = phase_two(output, logsumexp, query, partial_sum, eps)
+        ctx.save_for_backward(output, query, partial_sum, completed_weight, norm, dot)
+        ctx.set_materialize_grads(False)
+        return hidden, completed_weight
+
+    @staticmethod
+    def backward(ctx, grad_hidden, grad_completed_weight):
+        output, query, partial_sum, completed_weight, norm, dot = ctx.saved_tensors
+        sqrt_hidden = partial_sum.shape[-1] ** 0.5
+        partial32 = as_float32(partial_sum)
+        # hidden = p + a (o - p), a = sigmoid(ℓ - s), s = sqrt(d) · dot / norm, norm = sqrt(|p|² + d·eps)
+        grad_weight = grad_completed_weight
+        grad_output = grad_partial = None
+        if grad_hidden is not None:
+            grad_hidden = as_float32(grad_hidden)
+            # g · (o - p) as two dot products, which read each tensor once and write no (o - p)
+            rows = grad_hidden.unsqueeze(-2)
+            through_hidden = torch.matmul(rows, output.unsqueeze(-1)).view_as(dot)
+            through_hidden -= torch.matmul(rows, partial32.unsqueeze(-1)).view_as(dot)
+            grad_weight = through_hidden if grad_weight is None else grad_weight + through_hidden
+            grad_output = grad_hidden * completed_weight.unsqueeze(-1)
+            grad_partial = grad_hidden * (1 - completed_weight).unsqueeze(-1)
+        # (the backward runs only when some output has a gradient, so `grad_weight` is never None here)
+        grad_logsumexp = torch.ops.aten.sigmoid_backward(grad_weight, completed_weight)
+        # d(ℓ - s)/d dot = -sqrt(d) / norm, d(ℓ - s)/d norm = sqrt(d) · dot / norm², and d norm / d p = p / norm
+        grad_dot = torch.div(grad_logsumexp, norm).mul_(-sqrt_hidden)
+        if grad_partial is None:
+            grad_partial = grad_dot.unsqueeze(-1) * query
+        else:
+            grad_partial.addcmul_(grad_dot.unsqueeze(-1), query)
+        grad_partial.addcmul_(partial32, torch.mul(grad_dot, dot).div_(norm).div_(norm).unsqueeze(-1), value=-1)
+        grad_query = torch.mv(partial32.reshape(-1, partial32.shape[-1]).t(), grad_dot.reshape(-1))
+        return grad_output, grad_logsumexp, grad_query, grad_partial, None
 
 
 class TwoPhaseDepthAttention:
     """The paper's two-phase computation (§4.2, Algorithm 1): exact, and O(N·d) in activation memory.
 
-    `read` is phase 1: several aggregations attend at once over the completed sources, which do not change within a
-    block, so each source is read twice (logits, weighted sum) whatever the number of queries. `merge` is phase 2:
-    the running partial sum joins as one more source through the online-softmax merge, which is exactly the one-shot
-    softmax. The key norm's scale is folded into the query, `w · (γ ⊙ v / rms(v)) = (w ⊙ γ) · v / rms(v)`, and each
-    source's `1 / rms` is computed once, when it is committed. See `NaiveDepthAttention` for the interface."""
+    `read` is phase 1 (`phase_one`): several aggregations attend at once over the completed sources, which do not
+    change within a block, so each source is read twice (logits, weighted sum) whatever the number of queries.
+    `merge` is phase 2 (`phase_two`). Each source's `1 / rms` is computed once, when it is committed. In training
+    both phases run as autograd functions with hand-written backwards. See `NaiveDepthAttention` for the interface."""
 
     @staticmethod
-    def read(sources, sources_inv_rms, queries, key_weights) -> list:
-        queries = queries * key_weights
+    def read(sources, sources_inv_rms, queries) -> list:
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
             outputs, logsumexp, probabilities = PhaseOneFunction.apply(sources, sources_inv_rms, queries)
         else:  # no autograd, or `torch.compile`, which plans the saved memory itself
             outputs, logsumexp, _, probabilities = phase_one(sources, sources_inv_rms, queries)
-        return list(zip(outputs.unbind(-2), logsumexp.unbind(-1), probabilities.unbind(-1), queries.unbind(0)))
+        return [
+            (output, logsumexp, probabilities, query, sources.dtype)
+            for output, logsumexp, probabilities, query in zip(
+                outputs.unbind(-2), logsumexp.unbind(-1), probabilities.unbind(-1), queries.unbind(0)
+            )
+        ]
 
     @staticmethod
     def merge(read, partial_sum, eps: float, return_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        output, logsumexp, probabilities, query = read
+        output, logsumexp, probabilities, query, dtype = read
         weights = probabilities.permute(1, 2, 0) if return_weights else None
         if partial_sum is None:
-            return output, weights
-        # The partial sum's weight among all sources: e^s / (e^ℓ + e^s) = sigmoid(s - ℓ), with ℓ the log-sum-exp over
-        # the completed sources and s its own logit; the input is then a lerp between phase 1's output and it.
-        partial32 = as_float32(partial_sum)
-        logit = torch.matmul(partial32, query) * inverse_rms(partial32, eps)
-        partial_weight = torch.sigmoid(logit - logsumexp)
-        hidden = cast(torch.lerp(as_float32(output), partial32, partial_weight.unsqueeze(-1)), partial_sum.dtype)
+            return cast(output, dtype), weights
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            hidden, completed_weight = PhaseTwoFunction.apply(output, logsumexp, query, partial_sum, eps)
+        else:
+            hidden, completed_weight, _, _ = phase_two(output, logsumexp, query, partial_sum, eps)
         if return_weights:
-            weights = torch.cat([weights * (1 - partial_weight).unsqueeze(-1), partial_weight.unsqueeze(-1)], dim=-1)
+            weights = torch.cat([weights * completed_weight.unsqueeze(-1), (1 - completed_weight).unsqueeze(-1)], -1)
         return hidden, weights
 
 
@@ -517,61 +622,82 @@ def depth_attention(config: AttnResConfig, device: torch.device) -> type:
     return implementation
 
 
-def inverse_rms(hidden_states: torch.Tensor, eps: float) -> torch.Tensor:
-    """`1 / sqrt(mean(x²) + eps)` over the hidden dimension, in fp32, in one pass over `x`: (..., hidden) -> (...)."""
-    norm = torch.linalg.vector_norm(hidden_states, dim=-1, dtype=torch.float32)
-    return torch.rsqrt((norm * norm).mul_(1 / hidden_states.shape[-1]).add_(eps))
-
-
 class CommitSourceFunction(torch.autograd.Function):
-    """Write a source and its `1 / rms` into slot `index` of the shared buffers, for autograd.
+    """Write a source and its `1 / rms` into the next slot of the shared buffers, for autograd, and return the
+    completed sources so far as views of the buffers.
 
-    Each source is stored once and every phase 1 reads it from there (O(N·d) per token). The backward hands slot
-    `index` of the buffers' gradient to the source and the rest on to the earlier commits; the buffers start as
-    uninitialised memory that nothing reads before its slot is written, so no gradient flows past the first commit.
+    Each source is stored once and every phase 1 reads it from there (O(N·d) per token). Each commit's outputs are
+    the `k + 1` completed slots, and what reads them reads exactly those views, so the gradients that flow back are
+    `k + 1` slots wide, never the whole buffer: the backward hands slot `k` to the source (with the gradient that
+    reached its `1 / rms`) and the first `k` slots on to the earlier commits.
 
-    The write is hidden from autograd's version counter. Reentrant activation checkpointing saves the buffers as every
-    layer's input and would otherwise reject each later commit, although a commit only fills a slot that nothing has
-    read yet: every reader (`PhaseOneFunction`, checkpointed layers) reads only slots written before it ran.
+    The write is hidden from autograd's version counter. Reentrant activation checkpointing saves the completed
+    sources as every layer's input and would otherwise reject each later commit, although a commit only fills a slot
+    that nothing has read yet: every reader (`PhaseOneFunction`, checkpointed layers) reads only slots written before
+    it ran.
     """
 
     @staticmethod
-    def forward(ctx, sources, sources_inv_rms, source, source_inv_rms, index):
+    def forward(ctx, sources, sources_inv_rms, buffer, inv_rms_buffer, source, eps):
+        index = sources.shape[0]
         # A private torch API, checked on torch 2.6 and 2.13 (where it takes one tensor) and covered by the reentrant
         # activation-checkpointing tests on both.
-        with torch.autograd._unsafe_preserve_version_counter(sources):
-            sources[index] = source
-        with torch.autograd._unsafe_preserve_version_counter(sources_inv_rms):
-            sources_inv_rms[index] = source_inv_rms
-        ctx.index = index
-        return sources, sources_inv_rms
+        with torch.autograd._unsafe_preserve_version_counter(buffer):
+            buffer[index] = source
+        with torch.autograd._unsafe_preserve_version_counter(inv_rms_buffer):
+            inverse_rms(source, eps, out=inv_rms_buffer[index])
+        ctx.index, ctx.buffer, ctx.inv_rms_buffer = index, buffer, inv_rms_buffer
+        ctx.set_materialize_grads(False)
+        return buffer[: index + 1], inv_rms_buffer[: index + 1]
 
     @staticmethod
     def backward(ctx, grad_sources, grad_inv_rms):
-        grad_source = None if grad_sources is None else grad_sources[ctx.index]
-        grad_source_inv_rms = None if grad_inv_rms is None else grad_inv_rms[ctx.index]
-        return grad_sources, grad_inv_rms, grad_source, grad_source_inv_rms, None
+        index = ctx.index
+        grad_source = None if grad_sources is None else grad_sources[index]
+        if grad_inv_rms is not None:  # r = (|v|²/d + eps)^(-1/2): dr/dv = -r³ v / d
+            source, inv_rms = ctx.buffer[index], ctx.inv_rms_buffer[index]
+            coefficient = inv_rms.pow(3).mul_(grad_inv_rms[index]).unsqueeze(-1)
+            if grad_source is None:
+                grad_source = torch.mul(source, coefficient).mul_(-1 / source.shape[-1])
+            else:
+                grad_source = torch.addcmul(grad_source, source, coefficient, value=-1 / source.shape[-1])
+        earlier = None if grad_sources is None or not ctx.needs_input_grad[0] else grad_sources[:index]
+        earlier_inv_rms = None if grad_inv_rms is None or not ctx.needs_input_grad[1] else grad_inv_rms[:index]
+        return earlier, earlier_inv_rms, None, None, grad_source, None
 
 
-def commit_source(
-    sources: torch.Tensor, sources_inv_rms: torch.Tensor, source: torch.Tensor, index: int, eps: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Make `source` (the embedding, a finished block sum, or in Full AttnRes a sublayer output) completed source
-    number `index` of the buffers, with its `1 / rms` computed here once for every aggregation that will read it.
+class CompletedSources:
+    """The completed sources of one forward (the token embedding, the finished block sums, or in Full AttnRes every
+    sublayer output) and their `1 / rms`, oldest first.
 
-    Without autograd the buffers are written in place; eager autograd goes through `CommitSourceFunction`;
-    `torch.compile` traces an out-of-place write, which the compiler may turn back into an in-place one."""
-    source_inv_rms = inverse_rms(source, eps)
-    if not torch.is_grad_enabled():
-        sources[index] = source
-        sources_inv_rms[index] = source_inv_rms
-        return sources, sources_inv_rms
-    if torch.compiler.is_compiling():
-        return (
-            sources.slice_scatter(source.unsqueeze(0), start=index, end=index + 1),
-            sources_inv_rms.slice_scatter(source_inv_rms.unsqueeze(0), start=index, end=index + 1),
-        )
-    return CommitSourceFunction.apply(sources, sources_inv_rms, source, source_inv_rms, index)
+    They live in two buffers allocated once, each source written once when it completes (O(N·d) per token);
+    `values` and `inv_rms` are the filled part, the views every phase 1 and every layer reads. Without autograd the
+    buffers are written in place; eager autograd goes through `CommitSourceFunction`; `torch.compile` traces an
+    out-of-place write, which the compiler may turn back into an in-place one."""
+
+    def __init__(self, like: torch.Tensor, capacity: int) -> None:
+        self.buffer = like.new_empty(capacity, *like.shape)
+        self.inv_rms_buffer = like.new_empty(self.buffer.shape[:-1], dtype=torch.float32)
+        self.values, self.inv_rms = self.buffer[:0], self.inv_rms_buffer[:0]
+
+    def commit(self, source: torch.Tensor, eps: float) -> None:
+        """Make `source` the next completed source, with its `1 / rms` computed here once for every aggregation that
+        will read it."""
+        index = self.values.shape[0]
+        if not torch.is_grad_enabled():
+            self.buffer[index] = source
+            inverse_rms(source, eps, out=self.inv_rms_buffer[index])
+        elif torch.compiler.is_compiling():
+            self.buffer = self.buffer.slice_scatter(source.unsqueeze(0), start=index, end=index + 1)
+            self.inv_rms_buffer = self.inv_rms_buffer.slice_scatter(
+                inverse_rms(source, eps).unsqueeze(0), start=index, end=index + 1
+            )
+        else:
+            self.values, self.inv_rms = CommitSourceFunction.apply(
+                self.values, self.inv_rms, self.buffer, self.inv_rms_buffer, source, eps
+            )
+            return
+        self.values, self.inv_rms = self.buffer[: index + 1], self.inv_rms_buffer[: index + 1]
 
 
 class AttnResAggregation(nn.Module):
@@ -716,12 +842,13 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         `GradientCheckpointingLayer` (unchanged from transformers 5.4 to 5.25) checkpoints `forward`."""
         return self.gradient_checkpointing and self.training and torch.is_grad_enabled()
 
-    def depth_queries(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The pseudo-queries and key-norm scales of the layer's two aggregations (attention, MLP): fp32 `(2, hidden)`
-        each."""
-        queries = torch.cat([self.self_attention_res_proj(), self.mlp_res_proj()])
-        key_weights = torch.cat([self.self_attention_res_norm(), self.mlp_res_norm()])
-        return queries, key_weights
+    def depth_query_parts(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The pseudo-queries `w` and key-norm scales `γ` of the layer's two aggregations (attention, MLP), each read
+        by calling its module, for `fold_queries`."""
+        return (
+            [self.self_attention_res_proj(), self.mlp_res_proj()],
+            [self.self_attention_res_norm(), self.mlp_res_norm()],
+        )
 
     @accepts_both_cache_names
     def forward(
@@ -744,7 +871,7 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         partial_sum = None if self.starts_block else hidden_states
         implementation = depth_attention(self.config, hidden_states.device)
         if depth_reads is None:
-            depth_reads = implementation.read(sources, sources_inv_rms, *self.depth_queries())
+            depth_reads = implementation.read(sources, sources_inv_rms, fold_queries(*self.depth_query_parts()))
         attention_read, mlp_read = depth_reads
 
         attention_input = normalized_input(
@@ -958,36 +1085,56 @@ class AttnResModel(AttnResPreTrainedModel):
             **kwargs,
         )
         eps = self.config.rms_norm_eps
-        # The completed sources live in one buffer, each written once, when it completes.
-        sources = inputs_embeds.new_empty(self.max_completed_sources, *inputs_embeds.shape)
-        sources_inv_rms = inputs_embeds.new_empty(sources.shape[:-1], dtype=torch.float32)
-        offload = OffloadedLayerInputs(sources, sources_inv_rms) if self.offloads_checkpointed_inputs else None
-        completed = 0
+        completed = CompletedSources(inputs_embeds, self.max_completed_sources)
+        offload = (
+            OffloadedLayerInputs(completed.buffer, completed.inv_rms_buffer)
+            if self.offloads_checkpointed_inputs
+            else None
+        )
+        implementation = depth_attention(self.config, inputs_embeds.device)
+        sharing = [
+            not layer.is_recomputed() and holds_full_parameters(layer, inputs_embeds.device) for layer in self.layers
+        ]
+        queries = self.depth_queries(sharing)
+        blocks = self.blocks()
+        final_read, first_row, first_layer = None, 0, 0
         hidden_states = inputs_embeds
-        for block in self.blocks():
-            sources, sources_inv_rms = commit_source(sources, sources_inv_rms, hidden_states, completed, eps)
-            completed += 1
-            block_reads = self.read_block(block, sources[:completed], sources_inv_rms[:completed])
-            for layer, depth_reads in zip(block, block_reads):
+        for number, block in enumerate(blocks):
+            completed.commit(hidden_states, eps)
+            block_sharing = sharing[first_layer : first_layer + len(block)]
+            rows = 2 * sum(block_sharing)
+            # In Block AttnRes nothing is committed once the last block opens: the output reads the same completed
+            # sources, so its query (the last row) joins that block's phase 1.
+            with_output = number == len(blocks) - 1 and not any(layer.mlp_starts_block for layer in block)
+            block_reads = (
+                implementation.read(
+                    completed.values, completed.inv_rms, queries[first_row : first_row + rows + with_output]
+                )
+                if rows or with_output
+                else []
+            )
+            if with_output:
+                final_read = block_reads.pop()
+            shared_reads = iter(block_reads)
+            for layer, shares in zip(block, block_sharing):
                 with offload if offload is not None and layer.is_recomputed() else contextlib.nullcontext():
                     hidden_states, attention_output = layer(
                         hidden_states,
-                        sources[:completed],
-                        sources_inv_rms[:completed],
-                        depth_reads=depth_reads,
+                        completed.values,
+                        completed.inv_rms,
+                        depth_reads=[next(shared_reads), next(shared_reads)] if shares else None,
                         attention_mask=causal_mask_mapping[layer.attention_type],
                         **layer_kwargs,
                     )
                 if attention_output is not None:  # Full AttnRes
-                    sources, sources_inv_rms = commit_source(
-                        sources, sources_inv_rms, attention_output, completed, eps
-                    )
-                    completed += 1
+                    completed.commit(attention_output, eps)
+            first_row, first_layer = first_row + rows, first_layer + len(block)
 
-        implementation = depth_attention(self.config, hidden_states.device)
-        query, key_weight = self.output_attn_res_proj(), self.output_attn_res_norm()
-        [read] = implementation.read(sources[:completed], sources_inv_rms[:completed], query, key_weight)
-        hidden_states = normalized_input(self.final_input, implementation, read, hidden_states, self.norm, **kwargs)
+        if final_read is None:
+            [final_read] = implementation.read(completed.values, completed.inv_rms, queries[-1:])
+        hidden_states = normalized_input(
+            self.final_input, implementation, final_read, hidden_states, self.norm, **kwargs
+        )
         return AttnResModelOutputWithPast(last_hidden_state=hidden_states, **{CACHE_NAME: cache})
 
     def blocks(self) -> list[list[AttnResDecoderLayer]]:
@@ -1000,25 +1147,24 @@ class AttnResModel(AttnResPreTrainedModel):
             blocks[-1].append(layer)
         return blocks
 
-    def read_block(
-        self, block: list[AttnResDecoderLayer], sources: torch.Tensor, sources_inv_rms: torch.Tensor
-    ) -> list:
-        """Phase 1 for the aggregations of `block` at once (Algorithm 1: a block's queries share one read of the
-        sources), as each layer's two reads; `None` for a layer that must compute its own. That is a layer that
-        activation checkpointing recomputes (it recomputes its phase 1 from its own inputs, keeping only the partial
-        sum per layer, paper §4.1; with transformers 5.23's `every_n_layers` only some layers are), and every layer
-        where the model may not read the layers' parameters from outside their forward (FSDP, ZeRO-3, offloading: see
+    def depth_queries(self, sharing: list[bool]) -> torch.Tensor:
+        """The queries of every aggregation whose phase 1 the model computes, folded at once (`fold_queries`): the
+        attention and MLP aggregations of each layer in `sharing`, in order, then the output's (the last row).
+
+        A layer shares its block's phase 1 (Algorithm 1: a block's queries share one read of the sources) unless
+        activation checkpointing recomputes it (it then recomputes its phase 1 from its own inputs, keeping only the
+        partial sum per layer, paper §4.1; with transformers 5.23's `every_n_layers` only some layers are), or the
+        model may not read its parameters from outside its forward (FSDP, ZeRO-3, offloading: see
         `holds_full_parameters`)."""
-        reads = [None] * len(block)
-        sharing = [index for index, layer in enumerate(block) if not layer.is_recomputed()]
-        if len(sharing) < 2 or not all(holds_full_parameters(layer, sources.device) for layer in block):
-            return reads
-        queries, key_weights = zip(*(block[index].depth_queries() for index in sharing))
-        implementation = depth_attention(self.config, sources.device)
-        shared = implementation.read(sources, sources_inv_rms, torch.cat(queries), torch.cat(key_weights))
-        for position, index in enumerate(sharing):
-            reads[index] = shared[2 * position : 2 * position + 2]
-        return reads
+        pseudo_queries, key_weights = [], []
+        for layer, shares in zip(self.layers, sharing):
+            if shares:
+                layer_queries, layer_key_weights = layer.depth_query_parts()
+                pseudo_queries += layer_queries
+                key_weights += layer_key_weights
+        pseudo_queries.append(self.output_attn_res_proj())
+        key_weights.append(self.output_attn_res_norm())
+        return fold_queries(pseudo_queries, key_weights)
 
 
 class AttnResForCausalLM(AttnResPreTrainedModel, GenerationMixin):
