@@ -13,6 +13,7 @@ to `benchmarks/results/overhead-<device>.{json,md}`.
 """
 
 import argparse
+import inspect
 import json
 import platform
 import statistics
@@ -119,7 +120,7 @@ def decode(models, args, prompt: int, new_tokens: int, compiled: bool = False) -
 
     With `compiled`, each model decodes into a `StaticCache` through `torch.compile(model, fullgraph=True)`, the
     recipe of transformers' "LLM inference optimization" guide; the prompt is prefilled eagerly."""
-    from transformers import StaticCache
+    from transformers import DynamicCache, StaticCache
 
     ids = torch.randint(2, 32000, (1, prompt), device=args.device)
     steps = {name: torch.compile(model, fullgraph=True) if compiled else model for name, model in models.items()}
@@ -130,6 +131,7 @@ def decode(models, args, prompt: int, new_tokens: int, compiled: bool = False) -
         if compiled
         else {}
     )
+    keywords = {name: cache_argument(model) for name, model in models.items()}
     times = {name: [] for name in models}
     repeats = max(2, args.repeats // 3)
     with torch.inference_mode():
@@ -139,21 +141,29 @@ def decode(models, args, prompt: int, new_tokens: int, compiled: bool = False) -
                 cache = static_caches.get(name)
                 if cache is not None:
                     cache.reset()
-                output = model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-                states[name] = (output.past_key_values, output.logits[:, -1:].argmax(-1))
+                else:
+                    cache = DynamicCache(config=model.config)
+                output = model(ids, **{keywords[name]: cache}, use_cache=True, logits_to_keep=1)
+                states[name] = (cache, output.logits[:, -1:].argmax(-1))  # the cache is filled in place
             for step in range(new_tokens):
                 position = torch.tensor([prompt + step], device=args.device)
                 for name in models:
                     cache, token = states[name]
                     synchronize(args.device)
                     start, start_cpu = time.perf_counter(), time.process_time()
-                    output = steps[name](token, past_key_values=cache, use_cache=True, cache_position=position)
+                    output = steps[name](token, **{keywords[name]: cache}, use_cache=True, cache_position=position)
                     token = output.logits[:, -1:].argmax(-1)
                     synchronize(args.device)
                     if step >= 2:  # the first steps warm up (and, compiled, compile)
                         times[name].append((time.perf_counter() - start, time.process_time() - start_cpu))
-                    states[name] = (output.past_key_values, token)
+                    states[name] = (cache, token)
     return summarize(times, unit="s/token")
+
+
+def cache_argument(model) -> str:
+    """The KV cache's keyword: `cache` from transformers 5.24 on (AttnRes accepts both), `past_key_values` before
+    (passing the old name to 5.24+ models warns on every call, which would be timed)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def cuda_step_memory(model, ids) -> tuple[int, int]:

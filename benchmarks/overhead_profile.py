@@ -19,7 +19,7 @@ from collections import defaultdict
 from collections.abc import Callable
 
 import torch
-from overhead_benchmark import BASELINE, build_models
+from overhead_benchmark import BASELINE, build_models, cache_argument
 from torch.profiler import profile
 
 from attnres import modeling_attnres
@@ -70,10 +70,13 @@ def make_step(model, args) -> Callable[[], None]:
         step = lambda: model(ids, logits_to_keep=1)  # noqa: E731
     else:
         model.eval()
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=model.config)
         with torch.inference_mode():
-            cache = model(ids, use_cache=True).past_key_values
+            model(ids, **{cache_argument(model): cache}, use_cache=True)
         token = ids[:, -1:]
-        step = lambda: model(token, past_key_values=cache, use_cache=True)  # noqa: E731
+        step = lambda: model(token, **{cache_argument(model): cache}, use_cache=True)  # noqa: E731
 
     def run() -> None:
         with torch.inference_mode(args.mode != "train"):

@@ -17,7 +17,6 @@ nothing.
 """
 
 import argparse
-import inspect
 import json
 import os
 import statistics
@@ -123,15 +122,11 @@ def prefill(models: dict, args, batch: int, seq: int) -> dict[str, float]:
     return interleaved({name: (lambda m=model: run(m)) for name, model in models.items()}, args)
 
 
-def cache_argument(model) -> str:
-    """The KV cache's keyword: `cache` from transformers 5.24 on (AttnRes accepts both), `past_key_values` before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def decode(models: dict, args, prompt: int, new_tokens: int, compiled: bool) -> dict[str, float]:
     """Median seconds per decoded token with the KV cache after an untimed prefill of the prompt; compiled: each model
     decodes into a `StaticCache` through `torch.compile(model, fullgraph=True)` (transformers' recipe)."""
     import torch
+    from overhead_benchmark import cache_argument
     from transformers import DynamicCache, StaticCache
 
     ids = torch.randint(2, models["llama"].config.vocab_size, (1, prompt), device=args.device)

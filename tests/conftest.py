@@ -1,6 +1,7 @@
 """Shared fixtures, tiny model factories and the tolerance table of the test suite."""
 
 import contextlib
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -29,6 +30,22 @@ requires_fsdp2_on_cpu = pytest.mark.skipif(
     Version(torch.__version__).release < (2, 13), reason="FSDP2 on CPU needs torch >= 2.13 (2.6: no record_event)"
 )
 
+
+def triton_runs_kernels_here() -> bool:
+    """Whether triton is installed and runs the fused kernels here: on a GPU any release does; on a CPU its interpreter
+    must run loops to runtime bounds, which that of triton 3.2 (torch 2.6's pin, the lowest CI environment) cannot.
+    Tested: 3.9. Read from the package metadata: importing triton here would come before TRITON_INTERPRET is read."""
+    try:
+        version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return torch.cuda.is_available() or Version(version).release >= (3, 9)
+
+
+launches_kernels = pytest.mark.skipif(
+    not triton_runs_kernels_here(),
+    reason="needs triton; on a CPU its interpreter from 3.9 on (3.2's cannot run loops to runtime bounds)",
+)
 
 # Every numeric comparison in the suite uses one of these. Why each is what it is:
 TOLERANCES = {

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from packaging.version import Version
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from attnres import AttnResForCausalLM
@@ -28,27 +27,12 @@ from attnres.modeling_attnres import (
     depth_attention,
     inverse_rms,
 )
-from tests.conftest import requires_fullgraph_compile
+from tests.conftest import launches_kernels, requires_fullgraph_compile
 from tests.tiny_models import randomize_, tiny_config
 
 
 pytestmark = pytest.mark.skipif(TritonDepthAttention is None, reason="triton is not installed (pip install triton)")
 
-
-def interpreter_runs_these_kernels() -> bool:
-    """Whether this triton runs the kernels here: on a GPU any release does; on a CPU its interpreter must run loops
-    to runtime bounds, which that of triton 3.2 (torch 2.6's pin, the lowest CI environment) cannot. Tested: 3.9."""
-    if torch.cuda.is_available():
-        return True
-    import triton
-
-    return Version(triton.__version__).release >= (3, 9)
-
-
-launches_kernels = pytest.mark.skipif(
-    TritonDepthAttention is None or not interpreter_runs_these_kernels(),
-    reason="Triton's interpreter before 3.9 cannot run loops to runtime bounds (the compiled kernels can)",
-)
 
 # The issue's bar for fp32: logits within 1e-4 of the naive implementation, gradients within 1e-3 relative (the
 # Frobenius norm of the difference over that of the naive gradient, per tensor). Observed: logits about 1e-6,
@@ -402,10 +386,11 @@ def test_checkpoints_load_and_run_two_phase_without_triton(tmp_path):
 
 
 @launches_kernels
-def test_gpu_benchmark_dry_run(tmp_path):
+def test_gpu_benchmark_dry_run(tmp_path, monkeypatch):
     """benchmarks/triton_benchmark.py, written for a GPU, runs every code path on a CPU with --dry-run (tiny shapes,
     the interpreter, aot_eager compilation) and writes its report, so that it is ready whenever a GPU is lent."""
     script = Path(__file__).parent.parent / "benchmarks" / "triton_benchmark.py"
+    monkeypatch.syspath_prepend(str(script.parent))  # as `python benchmarks/triton_benchmark.py` has it
     main = runpy.run_path(str(script), run_name="benchmark")["main"]
     main(["--device", "cpu", "--dry-run", "--output", str(tmp_path)])
     report = json.loads((tmp_path / "overhead-cpu-triton-bfloat16.json").read_text())
