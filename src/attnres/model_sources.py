@@ -254,7 +254,28 @@ def dequantize_gguf(gguf_file: Path, output: Path) -> None:
     plain.tie_weights()
     plain.save_pretrained(output)
     tokenizer.save_pretrained(output)
+    check_saved_tokenizer(tokenizer, output, gguf_file.name)
     license_file = gguf_file.parent / "LICENSE"
     if license_file.is_file():
         check_link_inside(license_file, [gguf_file.parent], f"the LICENSE beside {gguf_file.name}")
         shutil.copyfile(license_file, output / "LICENSE")
+
+
+# Words, numbers, code, whitespace runs and accents: text that a wrongly saved tokenizer splits differently.
+TOKENIZER_PROBE = "The quick brown fox costs 3.14 euros.\n\ndef square(x):\n    return x ** 2  # ünïcödé, 東京"
+
+
+def check_saved_tokenizer(tokenizer, directory: Path, source_name: str) -> None:
+    """Refuse tokenizer files in `directory` that do not load back as `tokenizer` (the one transformers converted from
+    `source_name`): transformers 5.4 converts Gemma 3's GGUF tokenizer to a Unigram model whose saved tokenizer.json
+    reloads splitting text into single characters."""
+    from transformers import AutoTokenizer, __version__
+
+    expected = tokenizer(TOKENIZER_PROBE)["input_ids"]
+    reloaded = AutoTokenizer.from_pretrained(directory)(TOKENIZER_PROBE)["input_ids"]
+    if reloaded != expected:
+        raise AttnResError(
+            f"the tokenizer that transformers {__version__} converts from {source_name} does not load back from the "
+            f"files it saves ({len(expected)} tokens for a test sentence, {len(reloaded)} after saving); another "
+            "transformers release may convert it correctly"
+        )
