@@ -55,6 +55,11 @@ TOLERANCES = {
     # cached vs full attention; sdpa vs eager). Observed max 2e-6 on O(1) logits; 1e-5 leaves 5x headroom and still
     # fails if the PreNorm eps is not rescaled (that alone moves the logits by 4.5e-5 on the tiny models).
     "fp32": dict(rtol=1e-5, atol=1e-5),
+    # fp32, one model with random pseudo-queries whose reductions are grouped differently: sdpa vs eager attention,
+    # or layers that compute their own phase 1 (offloaded by accelerate) vs a block's shared one. Each path is within
+    # about 7e-6 of the naive implementation; in opposite directions they differ by up to 1.3e-5 (torch 2.6) on O(3)
+    # logits. Still below the 4.5e-5 that an unrescaled PreNorm eps alone causes.
+    "fp32_regrouped": dict(rtol=1e-5, atol=3e-5),
     # fp32, cached decoding (one token at a time) vs one full forward: attention kernels reduce over different shapes
     # at every one of the 10 sublayers, and the random pseudo-queries amplify it; observed up to 1.06e-5 on O(3) logits
     # on this project's CPU. A cache that is dropped or misread moves the logits by O(0.1-1).
