@@ -150,7 +150,7 @@ def tiny_tokenizer():
     return tokenizer
 
 
-# --- Families grafted through their own transformers modules (`source_model_type`) ------------------------------------
+# --- Families grafted through their own transformers modules (`source_model_type`) -----------------------------------
 # Each config sets what makes the family differ from Llama where the family has it: sliding and global layers, NoPE
 # layers, experts with a shared expert and dense layers, soft-capping, multipliers, clipping. The norm eps is large
 # (1e-2), so that a norm without eps / n² is visibly not exact (`test_families.py` checks that it is not).
@@ -171,7 +171,8 @@ OTHER_FAMILIES = {
     ),
     "gemma3_text": dict(
         head_dim=8, sliding_window=4, final_logit_softcapping=5.0, query_pre_attn_scalar=8,
-        layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention",
+                     "full_attention"],
     ),
     "smollm3": dict(no_rope_layer_interval=2, use_sliding_window=True, sliding_window=4),
     "phi3": dict(sliding_window=4),

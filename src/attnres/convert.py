@@ -168,6 +168,7 @@ def graft(
                 license_fields=source_license(source_dir),
                 command=printable(command),
                 dtype=str(target_dtype).removeprefix("torch."),
+                source_family=source_config.model_type,
             )
             (work_dir / "README.md").write_text(card)
     except OSError as error:  # reading SRC: errors writing DST are AttnResErrors already (`staged_directory`)

@@ -27,7 +27,8 @@ UNSUPPORTED_REASONS = {
     "olmo2": "OLMo 2 normalises only each sublayer's output (x + norm(f(x))): its sublayers read the raw residual "
     "stream, with no scale-invariant norm to absorb the aggregation's 1/n",
     "olmo3": "OLMo 3 normalises only each sublayer's output, like OLMo 2: its sublayers read the raw residual stream",
-    "exaone4": "EXAONE 4 normalises only each sublayer's output, like OLMo 2: its sublayers read the raw residual stream",
+    "exaone4": "EXAONE 4 normalises only each sublayer's output, like OLMo 2: its sublayers read the raw residual "
+    "stream",
     "gemma3": "this is Gemma 3's multimodal wrapper; convert a text-only Gemma 3 checkpoint (model_type gemma3_text)",
     "attnres": "it is already an AttnRes model",
 }

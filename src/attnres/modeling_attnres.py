@@ -1382,7 +1382,8 @@ class AttnResModel(AttnResPreTrainedModel):
         if self.rope_layer_types is None:
             return self.rotary_emb(inputs_embeds, position_ids=position_ids)
         return {
-            layer_type: self.rotary_emb(inputs_embeds, position_ids, layer_type) for layer_type in self.rope_layer_types
+            layer_type: self.rotary_emb(inputs_embeds, position_ids, layer_type)
+            for layer_type in self.rope_layer_types
         }
 
     @accepts_both_cache_names
