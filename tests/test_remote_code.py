@@ -23,6 +23,8 @@ def test_remote_code_files_import_only_torch_transformers_and_each_other():
         "dataclasses",
         "functools",
         "contextlib",
+        "copy",
+        "importlib",
         "hashlib",
         "math",
         "re",
