@@ -191,3 +191,22 @@ def test_bidirectional_gemma3_is_refused(tmp_path, capsys):
     source.save_pretrained(tmp_path / "src")
     assert main(["convert", str(tmp_path / "src"), str(tmp_path / "dst")]) == 1
     assert "use_bidirectional_attention=True makes it an encoder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["phi3", "qwen3_moe", "gemma3_text"])
+def test_default_lora_targets_fit_every_family(family):
+    """`attnres_lora_config()` without target_modules wraps what PEFT wraps on the source family (Phi-3: the fused
+    qkv_proj), and at zero LoRA (PEFT's init) the graft still computes its source."""
+    peft = pytest.importorskip("peft")
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
+
+    from attnres.peft_support import FUSED_ATTENTION_TARGETS, attnres_lora_config
+
+    source, model = in_memory_graft(family)
+    peft_model = peft.get_peft_model(model, attnres_lora_config(r=4))
+    wrapped = {name.split(".")[-1] for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
+    expected = defaults.get(family) or FUSED_ATTENTION_TARGETS.get(family) or defaults["llama"]
+    assert wrapped == set(expected)
+    ids = torch.randint(3, 99, (1, 10))
+    with torch.no_grad():
+        assert relative_difference(peft_model(ids).logits, source(ids).logits) <= TOLERANCES["fp32_graft_relative"]
