@@ -946,7 +946,6 @@ class FamilyLayout:
     logit_softcapping: str | None = None  # logits = c * tanh(logits / c), c this field (Gemma 2, Gemma 3)
     rope_per_layer_type: bool = False  # `rotary_emb(x, position_ids, layer_type)` (Gemma 3)
     moe: bool = False  # sparse MoE MLPs: router logits recorded, auxiliary loss as the family computes it
-    long_rope_cache_reset: bool = False  # Phi-3's `generate` recomputes the cache past the short-rope positions
 
 
 GEMMA2_SUBLAYERS = (
@@ -986,7 +985,6 @@ FAMILY_LAYOUTS = {
             FamilySublayer("input_layernorm", "self_attn", ("resid_attn_dropout",)),
             FamilySublayer("post_attention_layernorm", "mlp", ("resid_mlp_dropout",)),
         ),
-        long_rope_cache_reset=True,
     ),
     "glm4": FamilyLayout(
         "glm4",
