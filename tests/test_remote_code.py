@@ -23,6 +23,8 @@ def test_remote_code_files_import_only_torch_transformers_and_each_other():
         "dataclasses",
         "functools",
         "contextlib",
+        "copy",
+        "importlib",
         "hashlib",
         "math",
         "re",
@@ -60,10 +62,15 @@ for path, out_path in zip(sys.argv[2::2], sys.argv[3::2]):
     config = AutoConfig.from_pretrained(path, trust_remote_code=True)
     base = AutoModel.from_pretrained(path, trust_remote_code=True)
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+    mask = torch.ones_like(ids)
+    mask[1:, :3] = 0  # the second row left-padded
     with torch.no_grad():
         logits = model(ids).logits
+        padded_logits = model(ids, attention_mask=mask).logits
     generated = model.generate(ids[:1, :4], max_new_tokens=5, do_sample=False, pad_token_id=0)
-    torch.save({"logits": logits, "generated": generated}, out_path)
+    padded_generated = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    torch.save({"logits": logits, "generated": generated, "padded_logits": padded_logits,
+                "padded_generated": padded_generated, "mask": mask}, out_path)
     reports.append({
         "config": type(config).__module__, "base": type(base).__name__, "model": type(model).__module__,
         "attnres_imported": any(n.split(".")[0] == "attnres" for n, m in sys.modules.items() if m is not None),

@@ -131,7 +131,10 @@ def test_resume_from_checkpoint_continues_the_same_run(tmp_path):
 def test_lora_defaults_match_llama_and_leave_attnres_frozen():
     model = AttnResForCausalLM(tiny_config("block"))
     peft_model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM"))
-    assert set(peft_model.peft_config["default"].target_modules) == {"q_proj", "v_proj"}
+    # the union over the graftable families (Phi-3's fused qkv_proj too); on Llama's modules, Llama's default
+    assert set(peft_model.peft_config["default"].target_modules) == {"q_proj", "v_proj", "qkv_proj"}
+    wrapped = {name.split(".")[-1] for name, module in peft_model.named_modules() if hasattr(module, "lora_A")}
+    assert wrapped == {"q_proj", "v_proj"}
     trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
 

@@ -148,3 +148,69 @@ def tiny_tokenizer():
     )
     tokenizer.chat_template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     return tokenizer
+
+
+# --- Families grafted through their own transformers modules (`source_model_type`) -----------------------------------
+# Each config sets what makes the family differ from Llama where the family has it: sliding and global layers, NoPE
+# layers, experts with a shared expert and dense layers, soft-capping, multipliers, clipping. The norm eps is large
+# (1e-2), so that a norm without eps / n² is visibly not exact (`test_families.py` checks that it is not).
+OTHER_FAMILIES = {
+    "qwen3_moe": dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, decoder_sparse_step=1, mlp_only_layers=[1],
+        head_dim=8,
+    ),
+    "qwen2_moe": dict(
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, shared_expert_intermediate_size=24,
+        use_sliding_window=True, sliding_window=4, max_window_layers=3,
+    ),
+    # (intermediate_size: transformers 5.25's grouped experts need 16-byte strides)
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=4, intermediate_size=32),
+    "gemma": dict(head_dim=8),
+    "gemma2": dict(
+        head_dim=8, sliding_window=4, final_logit_softcapping=5.0, attn_logit_softcapping=20.0, query_pre_attn_scalar=8
+    ),
+    "gemma3_text": dict(
+        head_dim=8, sliding_window=4, final_logit_softcapping=5.0, query_pre_attn_scalar=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention",
+                     "full_attention"],
+    ),
+    "smollm3": dict(no_rope_layer_interval=2, use_sliding_window=True, sliding_window=4),
+    "phi3": dict(sliding_window=4),
+    "glm4": dict(head_dim=8),
+    "granite": dict(residual_multiplier=0.3, embedding_multiplier=6.0, logits_scaling=4.0, attention_multiplier=0.2),
+    "olmo": dict(clip_qkv=3.0),
+}  # fmt: skip
+
+
+def other_family_source(model_type: str, **overrides) -> nn.Module:
+    """A randomly initialised transformers causal LM of `model_type` (`OTHER_FAMILIES`), built by transformers' own
+    classes, in eval mode, fp32, with every weight moved away from its symmetric init (`randomize_`)."""
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    kwargs = dict(COMMON, rms_norm_eps=1e-2, tie_word_embeddings=False)
+    kwargs.update(OTHER_FAMILIES[model_type], **overrides)
+    config_class = CONFIG_MAPPING[model_type]
+    if config_class.__dataclass_fields__["tie_word_embeddings"].type is int:
+        # OlmoConfig on transformers 5.4 annotates it as an int, which strict validation enforces
+        kwargs["tie_word_embeddings"] = int(kwargs["tie_word_embeddings"])
+    config = config_class(**kwargs)
+    config._attn_implementation = "eager"
+    return randomize_(AutoModelForCausalLM.from_config(config)).eval()
+
+
+@torch.no_grad()
+def greedy_without_cache(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, new_tokens: int):
+    """Greedy decoding as `generate(do_sample=False, pad_token_id=COMMON["pad_token_id"])` does it (a row that has
+    produced the EOS token continues with padding), but recomputing the whole sequence at each step: the reference
+    for KV-cached `generate`, and one that works for every family on every release (OLMo's `generate` on
+    transformers 5.4 cannot build its own config)."""
+    finished = torch.zeros(input_ids.shape[0], 1, dtype=torch.bool)
+    for _ in range(new_tokens):
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits
+        next_token = logits[:, -1].argmax(-1, keepdim=True).masked_fill(finished, COMMON["pad_token_id"])
+        finished |= next_token == COMMON["eos_token_id"]
+        input_ids = torch.cat([input_ids, next_token], -1)
+        attention_mask = torch.cat([attention_mask, torch.ones_like(next_token)], -1)
+    return input_ids

@@ -31,6 +31,7 @@ require_version(
 from huggingface_hub.dataclasses import strict  # noqa: E402
 from transformers.configuration_utils import PreTrainedConfig  # noqa: E402
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS, RopeParameters  # noqa: E402
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING  # noqa: E402
 from transformers.utils import logging  # noqa: E402
 
 
@@ -90,6 +91,13 @@ class AttnResConfig(PreTrainedConfig):
         layer_types (`list[str]`, *optional*):
             `"full_attention"` or `"sliding_attention"` per layer. Defaults to all sliding when `sliding_window` is
             set (Mistral), else all full.
+        source_model_type (`str`, *optional*):
+            The transformers family whose own decoder sublayers the model is built from (e.g. `"gemma2"`,
+            `"mixtral"`; `FAMILY_LAYOUTS` in `modeling_attnres.py` lists them), for checkpoints grafted from a family
+            other than Llama, Mistral, Qwen2 and Qwen3. The config then also holds every field of that family's
+            config (`attnres convert` copies them), which the family's modules read as they would their own config;
+            the family's attribute aliases (`attribute_map`, e.g. Mixtral's `num_experts`) are answered too.
+            `None` (the default): the Llama-family modules of `modeling_attnres.py`.
 
     ```python
     >>> from attnres import AttnResConfig, AttnResForCausalLM
@@ -133,6 +141,19 @@ class AttnResConfig(PreTrainedConfig):
     attn_res_block_size: int | None = None
     attn_res_num_blocks: int | None = None
     attn_res_implementation: str = "two_phase"
+    source_model_type: str | None = None
+
+    def __getattr__(self, name: str):
+        # Only reached when normal lookup fails: a family module reading one of its config's aliases (Qwen3-MoE's
+        # modules read `config.num_experts`, which Mixtral's config stores as `num_local_experts`). The family config
+        # class is only looked up, never instantiated (some cannot be: OlmoConfig on transformers 5.4 rejects its own
+        # default `tie_word_embeddings`).
+        source_model_type = self.__dict__.get("source_model_type")
+        if source_model_type is not None and not name.startswith("_") and source_model_type in CONFIG_MAPPING:
+            alias = CONFIG_MAPPING[source_model_type].attribute_map.get(name)
+            if alias is not None:
+                return getattr(self, alias)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __post_init__(self, **kwargs):
         if self.head_dim is None and self.num_attention_heads > 0 and self.hidden_size % self.num_attention_heads == 0:

@@ -42,6 +42,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # The dtypes `--dtype` converts; tensors of any other dtype (integers, FP8 and its E8M0 scales, F64, ...) are carried
 # through unchanged.
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+SAFETENSORS_REVERSE = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 # Files that travel with the weights: the tokenizer, its chat template, generation defaults and license terms.
 CARRIED_FILES = (
     "tokenizer.json",
@@ -149,8 +150,13 @@ def graft(
             target_dtype = DTYPES[dtype] if dtype else source_dtype(source_config, shards)
             config.dtype = target_dtype
             config.architectures = [AttnResForCausalLM.__name__]
+            if model.layout is not None and model.layout.moe:
+                shards = [experts_fused_shard(source_dir, work_dir, source_dtype(source_config, shards))]
             check_tensors_match(model, shards, tie_word_embeddings=config.tie_word_embeddings)
             write_weights(model, shards, work_dir, target_dtype=target_dtype if dtype else None, progress=progress)
+            for shard in shards:
+                if shard.path.is_relative_to(work_dir):
+                    shard.path.unlink()
             config.save_pretrained(work_dir)
             custom_object_save(model, work_dir, config=config)  # ships modeling_attnres.py (remote code)
             for path in carried:
@@ -162,6 +168,7 @@ def graft(
                 license_fields=source_license(source_dir),
                 command=printable(command),
                 dtype=str(target_dtype).removeprefix("torch."),
+                source_family=source_config.model_type,
             )
             (work_dir / "README.md").write_text(card)
     except OSError as error:  # reading SRC: errors writing DST are AttnResErrors already (`staged_directory`)
@@ -224,10 +231,10 @@ def build_config(source_config, *, mode: str, num_blocks: int | None, block_size
             raise ConversionError(
                 f"{flag} must be between 1 and the source's number of layers ({layers}), got {value}"
             )
-    if source_config.hidden_act not in ACT2FN:
-        raise ConversionError(
-            f"config.json: hidden_act {source_config.hidden_act!r} is not an activation transformers knows"
-        )
+    for name in ("hidden_act", "hidden_activation"):  # Gemma 2 and 3 name it hidden_activation
+        activation = getattr(source_config, name, None)
+        if activation is not None and activation not in ACT2FN:
+            raise ConversionError(f"config.json: {name} {activation!r} is not an activation transformers knows")
     try:
         return AttnResConfig(
             **attnres_config_kwargs(source_config),
@@ -306,9 +313,25 @@ def read_pickled_shard(path: Path) -> SourceShard:
         state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # torch's unpickler raises what the bytes provoke (UnpicklingError, RuntimeError, ...)
         raise ConversionError(f"{path} is not a readable PyTorch weights file: {str(error).splitlines()[0]}") from None
-    reverse = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
-    tensors = {key: (reverse.get(t.dtype, str(t.dtype)), list(t.shape)) for key, t in state_dict.items()}
+    tensors = {key: (SAFETENSORS_REVERSE.get(t.dtype, str(t.dtype)), list(t.shape)) for key, t in state_dict.items()}
     return SourceShard(path=path, tensors=tensors, pickled=True)
+
+
+def experts_fused_shard(source_dir: Path, work_dir: Path, dtype: torch.dtype) -> SourceShard:
+    """The source's weights as its family's modules hold them, in one shard in `work_dir`.
+
+    transformers saves sparse MoE checkpoints with one tensor per expert and projection (`experts.3.gate_proj`), and
+    loads them into one tensor per layer (`experts.gate_up_proj`) by the conversion it registers for the family's
+    model_type, which a remote-code model does not get. So the source is loaded by transformers (all of it at once:
+    memory for one copy of the model) and written in the layout the graft's modules, the family's, load unchanged."""
+    source = AutoModelForCausalLM.from_pretrained(source_dir, dtype=dtype, **loading_options())
+    state_dict = source.state_dict()
+    if source.config.tie_word_embeddings:
+        state_dict.pop("lm_head.weight", None)  # the same tensor as the embeddings, which safetensors stores once
+    path = work_dir / "source-experts-fused.safetensors"
+    save_shard({name: tensor.contiguous() for name, tensor in state_dict.items()}, path)
+    tensors = {name: (SAFETENSORS_REVERSE[tensor.dtype], list(tensor.shape)) for name, tensor in state_dict.items()}
+    return SourceShard(path=path, tensors=tensors)
 
 
 def check_layers_match(num_hidden_layers: int, shards: list[SourceShard]) -> None:

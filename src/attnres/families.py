@@ -1,17 +1,20 @@
 # Copyright 2026 The attnres authors. Licensed under the Apache License, Version 2.0.
 """Which PreNorm checkpoints can be grafted, and how each family's config maps onto `AttnResConfig`.
 
-The graft is exact because every sublayer of these models reads the residual stream through an RMSNorm, which is
-invariant to the stream's scale (see `AttnResModel`), and because their sublayers are exactly the ones
-`modeling_attnres.py` implements under Llama's parameter names.
+The graft is exact because every sublayer of these models reads the residual stream through a norm that is invariant
+to the stream's scale (RMSNorm, or OLMo's parameter-free LayerNorm; see `AttnResModel`). Llama, Mistral, Qwen2 and
+Qwen3 map onto the Llama-family modules of `modeling_attnres.py` (the path tuned for speed); every other family is
+built from transformers' own modules for it, as its `FamilyLayout` in `modeling_attnres.py` declares.
 """
 
 from transformers import PreTrainedConfig
 
 from .errors import AttnResError
+from .modeling_attnres import FAMILY_LAYOUTS
 
 
-SUPPORTED_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+LLAMA_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_FAMILIES = (*LLAMA_FAMILIES, *FAMILY_LAYOUTS)
 
 # Families people ask for, and why they cannot be grafted exactly onto this model.
 UNSUPPORTED_REASONS = {
@@ -21,30 +24,34 @@ UNSUPPORTED_REASONS = {
     "gpt_neox": "GPT-NeoX computes attention and MLP in parallel from the same input (use_parallel_residual)",
     "phi": "Phi computes attention and MLP in parallel from one LayerNorm",
     "falcon": "Falcon computes attention and MLP in parallel from one LayerNorm",
-    "gemma": "Gemma's RMSNorm multiplies by (1 + weight) and its embeddings are scaled; this model implements Llama's",
-    "gemma2": "Gemma 2 adds post-sublayer norms and logit soft-capping, which this model does not implement",
-    "gemma3": "Gemma 3 adds post-sublayer norms and per-layer RoPE, which this model does not implement",
-    "gemma3_text": "Gemma 3 adds post-sublayer norms and per-layer RoPE, which this model does not implement",
-    "qwen3_moe": "Qwen3-MoE's MLP is a mixture of experts, which this model does not implement",
-    "mixtral": "Mixtral's MLP is a mixture of experts, which this model does not implement",
-    "olmo2": "OLMo 2 normalises sublayer outputs (post-norm), so the residual stream has no scale-invariant reader",
+    "olmo2": "OLMo 2 normalises only each sublayer's output (x + norm(f(x))): its sublayers read the raw residual "
+    "stream, with no scale-invariant norm to absorb the aggregation's 1/n",
+    "olmo3": "OLMo 3 normalises only each sublayer's output, like OLMo 2: its sublayers read the raw residual stream",
+    "exaone4": "EXAONE 4 normalises only each sublayer's output, like OLMo 2: its sublayers read the raw residual "
+    "stream",
+    "gemma3": "this is Gemma 3's multimodal wrapper; convert a text-only Gemma 3 checkpoint (model_type gemma3_text)",
     "attnres": "it is already an AttnRes model",
 }
+
+# Fields of a source config that describe the checkpoint, not the architecture: `attnres convert` writes its own.
+NOT_ARCHITECTURE = ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "dtype")
 
 
 def unsupported_message(model_type: str | None) -> str:
     reason = UNSUPPORTED_REASONS.get(model_type, "its architecture is not one this converter maps")
     return (
         f"cannot graft AttnRes onto model_type {model_type!r}: {reason}. Supported: {', '.join(SUPPORTED_FAMILIES)} "
-        "(PreNorm decoders with the Llama layout, where every sublayer reads the residual stream through an RMSNorm, "
-        "which is what makes the graft exact)."
+        "(PreNorm decoders whose every sublayer reads the residual stream through a scale-invariant norm, which is "
+        "what makes the graft exact)."
     )
 
 
 def attnres_config_kwargs(source: PreTrainedConfig) -> dict:
-    """The `AttnResConfig` fields that reproduce `source` (a Llama/Mistral/Qwen2/Qwen3 config) exactly."""
+    """The `AttnResConfig` fields that reproduce `source` exactly."""
     model_type = getattr(source, "model_type", None)
-    if model_type not in SUPPORTED_FAMILIES:
+    if model_type in FAMILY_LAYOUTS:
+        return family_config_kwargs(source)
+    if model_type not in LLAMA_FAMILIES:
         raise AttnResError(unsupported_message(model_type))
     kwargs = {
         name: getattr(source, name)
@@ -80,4 +87,20 @@ def attnres_config_kwargs(source: PreTrainedConfig) -> dict:
     kwargs["layer_types"] = list(layer_types)
     if "sliding_attention" not in kwargs["layer_types"]:
         kwargs["sliding_window"] = None
+    return kwargs
+
+
+def family_config_kwargs(source: PreTrainedConfig) -> dict:
+    """Every architecture field of `source`, unchanged, and its family: the family's own modules read them from the
+    AttnRes config as they would from their own. Without `layer_types`, `AttnResConfig` makes every layer sliding
+    when `sliding_window` is set, as Mixtral's and Phi-3's attention does."""
+    if getattr(source, "use_bidirectional_attention", False):
+        raise AttnResError(
+            f"cannot graft AttnRes onto this {source.model_type} checkpoint: use_bidirectional_attention=True makes "
+            "it an encoder (every token attends to every other), not a causal LM"
+        )
+    kwargs = {name: value for name, value in source.to_dict().items() if name not in NOT_ARCHITECTURE}
+    # OlmoConfig on transformers 5.4 types it (and saves it) as an int
+    kwargs["tie_word_embeddings"] = bool(kwargs.get("tie_word_embeddings", False))
+    kwargs["source_model_type"] = source.model_type
     return kwargs

@@ -36,6 +36,7 @@ def render_model_card(
     license_fields: dict,
     command: str,
     dtype: str,
+    source_family: str,
     repo_id: str = "path/to/this-checkpoint",
 ) -> str:
     layout = describe(config)
@@ -53,6 +54,8 @@ def render_model_card(
         variant=config.residual_mode.capitalize(),
         base_model=base_model,
         attnres_version=__version__,
+        source_family=source_family,
+        family_modules=config.source_model_type is not None,
         residual_mode=config.residual_mode,
         num_blocks=config.attn_res_num_blocks,
         block_size=config.attn_res_block_size,

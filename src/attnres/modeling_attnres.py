@@ -17,7 +17,9 @@
 """PyTorch AttnRes model: a Llama-family decoder with Attention Residuals (shipped as remote code)."""
 
 import contextlib
+import copy
 import functools
+import importlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, fields
@@ -825,6 +827,12 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         self.post_attention_layernorm = AttnResRMSNorm(
             config.hidden_size, config.rms_norm_eps / config.num_depth_sources(mlp) ** 2
         )
+        self.add_depth_modules(config, layer_idx)
+
+    def add_depth_modules(self, config: AttnResConfig, layer_idx: int) -> None:
+        """The AttnRes parameters and aggregations of the layer's two sublayers, and where the layer stands in its
+        block: the same in every family."""
+        attention, mlp = 2 * layer_idx, 2 * layer_idx + 1
         self.self_attention_res_proj = AttnResPseudoQuery(config.hidden_size)
         self.self_attention_res_norm = AttnResKeyNorm(config.hidden_size)
         self.mlp_res_proj = AttnResPseudoQuery(config.hidden_size)
@@ -897,6 +905,247 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         return partial_sum + mlp_output, None
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Other PreNorm families. Their decoder layers are built from transformers' own classes for the family (attention,
+# MLP or sparse MoE block, norms, rotary embedding, under their own parameter names, so a graft copies the source's
+# tensors unchanged); AttnRes replaces only the residual sums. What differs between families around the sublayers is
+# declared in one `FamilyLayout` per family: a new family is a new entry, not new model code.
+
+
+@dataclass(frozen=True)
+class FamilySublayer:
+    """One sublayer of a family's decoder layer, by the names of the layer's children: the PreNorm that reads the
+    residual stream, the sublayer itself, and the modules applied to its output before it joins the residual sum
+    (Gemma 2's and GLM-4's post-norms, Phi-3's residual dropout): for AttnRes they are part of the sublayer's value."""
+
+    norm: str
+    module: str
+    output_modules: tuple[str, ...] = ()
+
+
+LLAMA_SUBLAYERS = (FamilySublayer("input_layernorm", "self_attn"), FamilySublayer("post_attention_layernorm", "mlp"))
+
+
+@dataclass(frozen=True)
+class FamilyLayout:
+    """How a transformers family's PreNorm decoder computes around its sublayers.
+
+    The modules are the classes `<prefix>DecoderLayer`, `<prefix>RotaryEmbedding` and `<prefix>PreTrainedModel` of
+    `transformers.models.<package>.modeling_<package>`; the model adopts each decoder layer's children. The other
+    fields name config fields (or are `None` where the family has no such step)."""
+
+    package: str
+    prefix: str
+    sublayers: tuple[FamilySublayer, FamilySublayer] = LLAMA_SUBLAYERS  # attention, then MLP
+    norm_eps: str = "variance_epsilon"  # the norms' attribute holding their eps (Gemma's: `eps`)
+    fixed_norm_eps: float | None = None  # a norm that hard-codes its eps (OLMo's LayerNorm): replaced, see below
+    scaled_embedding: str | None = None  # an embedding class that multiplies by sqrt(hidden_size) (Gemma)
+    embedding_multiplier: str | None = None  # the embeddings times this field (Granite)
+    residual_multiplier: str | None = None  # each sublayer output times this field (Granite)
+    logits_divisor: str | None = None  # logits / this field (Granite)
+    logit_softcapping: str | None = None  # logits = c * tanh(logits / c), c this field (Gemma 2, Gemma 3)
+    rope_per_layer_type: bool = False  # `rotary_emb(x, position_ids, layer_type)` (Gemma 3)
+    moe: bool = False  # sparse MoE MLPs: router logits recorded, auxiliary loss as the family computes it
+
+
+GEMMA2_SUBLAYERS = (
+    FamilySublayer("input_layernorm", "self_attn", ("post_attention_layernorm",)),
+    FamilySublayer("pre_feedforward_layernorm", "mlp", ("post_feedforward_layernorm",)),
+)
+
+# source model_type -> layout. Llama, Mistral, Qwen2 and Qwen3 are not here: they use this file's own Llama-family
+# modules (`source_model_type=None`), the path tuned for speed (fused norms, Triton kernels).
+FAMILY_LAYOUTS = {
+    "qwen3_moe": FamilyLayout("qwen3_moe", "Qwen3Moe", moe=True),
+    "qwen2_moe": FamilyLayout("qwen2_moe", "Qwen2Moe", moe=True),
+    "mixtral": FamilyLayout("mixtral", "Mixtral", moe=True),
+    "gemma": FamilyLayout("gemma", "Gemma", norm_eps="eps", scaled_embedding="GemmaTextScaledWordEmbedding"),
+    "gemma2": FamilyLayout(
+        "gemma2",
+        "Gemma2",
+        GEMMA2_SUBLAYERS,
+        norm_eps="eps",
+        scaled_embedding="Gemma2TextScaledWordEmbedding",
+        logit_softcapping="final_logit_softcapping",
+    ),
+    "gemma3_text": FamilyLayout(
+        "gemma3",
+        "Gemma3",
+        GEMMA2_SUBLAYERS,
+        norm_eps="eps",
+        scaled_embedding="Gemma3TextScaledWordEmbedding",
+        logit_softcapping="final_logit_softcapping",
+        rope_per_layer_type=True,
+    ),
+    "smollm3": FamilyLayout("smollm3", "SmolLM3"),
+    "phi3": FamilyLayout(
+        "phi3",
+        "Phi3",
+        (
+            FamilySublayer("input_layernorm", "self_attn", ("resid_attn_dropout",)),
+            FamilySublayer("post_attention_layernorm", "mlp", ("resid_mlp_dropout",)),
+        ),
+    ),
+    "glm4": FamilyLayout(
+        "glm4",
+        "Glm4",
+        (
+            FamilySublayer("input_layernorm", "self_attn", ("post_self_attn_layernorm",)),
+            FamilySublayer("post_attention_layernorm", "mlp", ("post_mlp_layernorm",)),
+        ),
+    ),
+    "granite": FamilyLayout(
+        "granite",
+        "Granite",
+        embedding_multiplier="embedding_multiplier",
+        residual_multiplier="residual_multiplier",
+        logits_divisor="logits_scaling",
+    ),
+    # OlmoLayerNorm computes `layer_norm(x, eps=1e-5)` with the constant in its forward (transformers 5.4 to 5.25)
+    "olmo": FamilyLayout("olmo", "Olmo", fixed_norm_eps=1e-5),
+}
+
+
+def family_layout(config: AttnResConfig) -> FamilyLayout:
+    layout = FAMILY_LAYOUTS.get(config.source_model_type)
+    if layout is None:
+        raise ValueError(
+            f"source_model_type must be one of {sorted(FAMILY_LAYOUTS)} (or None for the Llama-family modules), got "
+            f"{config.source_model_type!r}."
+        )
+    return layout
+
+
+def family_modeling(layout: FamilyLayout):
+    """The family's modeling module in the installed transformers."""
+    return importlib.import_module(f"transformers.models.{layout.package}.modeling_{layout.package}")
+
+
+def family_class(layout: FamilyLayout, suffix: str) -> type:
+    return getattr(family_modeling(layout), layout.prefix + suffix)
+
+
+class AttnResLayerNorm(nn.Module):
+    """A LayerNorm without parameters whose eps can be set: what OLMo's `OlmoLayerNorm` computes, whose eps is a
+    constant in its forward. LayerNorm is invariant to the scale of its input except through eps, like RMSNorm
+    (`LN_ε(x / n) = LN_{n²ε}(x)`), so a graft needs `ε / n²`, which only a settable eps gives."""
+
+    def __init__(self, hidden_size: int, eps: float) -> None:
+        super().__init__()
+        self.normalized_shape = (hidden_size,)
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        input_dtype = hidden_states.dtype
+        hidden_states = nn.functional.layer_norm(hidden_states.to(torch.float32), self.normalized_shape, eps=self.eps)
+        return hidden_states.to(input_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}"
+
+
+def norm_reading_sources(norm: nn.Module, layout: FamilyLayout, num_sources: int) -> nn.Module:
+    """`norm`, the family's PreNorm, made to read an aggregation over `num_sources` sources: at zero queries the
+    aggregation is the PreNorm stream / n, and `Norm_ε(x / n) = Norm_{n²ε}(x)` (see `AttnResModel`)."""
+    if layout.fixed_norm_eps is not None:
+        return AttnResLayerNorm(norm.normalized_shape[0], layout.fixed_norm_eps / num_sources**2)
+    setattr(norm, layout.norm_eps, getattr(norm, layout.norm_eps) / num_sources**2)
+    return norm
+
+
+# The modules this file adds to a family model, which the family's `_init_weights` does not know.
+ATTN_RES_MODULES = (AttnResPseudoQuery, AttnResKeyNorm, AttnResAggregation, AttnResLayerNorm)
+
+
+class AttnResFamilyDecoderLayer(AttnResDecoderLayer):
+    """A decoder layer of another family (`config.source_model_type`): the children of the family's own decoder
+    layer, adopted under their own names, with each sublayer reading an AttnRes aggregation through its PreNorm and its
+    output (after the family's output modules and multiplier) added to the running sum in place of the residual.
+
+    The depth state travels as in `AttnResDecoderLayer`, whose forward this one mirrors."""
+
+    def __init__(self, config: AttnResConfig, layer_idx: int):
+        GradientCheckpointingLayer.__init__(self)
+        self.config = config
+        self.hidden_size = config.hidden_size
+        self.attention_type = config.layer_types[layer_idx]
+        layout = family_layout(config)
+        self.layout = layout
+        # The family's own layer, built as its model builds it (`<prefix>DecoderLayer(config, layer_idx)` on
+        # transformers 5.4 to 5.25), from this config, so that `set_attn_implementation` reaches its modules.
+        for name, child in family_class(layout, "DecoderLayer")(config, layer_idx).named_children():
+            self.add_module(name, child)
+        for index, sublayer in enumerate(layout.sublayers):
+            norm = norm_reading_sources(
+                getattr(self, sublayer.norm), layout, config.num_depth_sources(2 * layer_idx + index)
+            )
+            self.add_module(sublayer.norm, norm)
+        # CODEPATH: residual_multiplier (Granite checkpoints) scales every sublayer output.
+        self.residual_multiplier = getattr(config, layout.residual_multiplier) if layout.residual_multiplier else None
+        self.add_depth_modules(config, layer_idx)
+
+    def sublayer_output(self, sublayer: FamilySublayer, output) -> torch.Tensor:
+        """The value the family adds to its residual stream: the sublayer's output (the first entry of a tuple, an
+        attention's or a router-returning MoE block's), through its output modules, times the multiplier."""
+        if isinstance(output, tuple):
+            output = output[0]
+        for name in sublayer.output_modules:
+            output = getattr(self, name)(output)
+        if self.residual_multiplier is not None:
+            output = output * self.residual_multiplier
+        return output
+
+    @accepts_both_cache_names
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        sources: torch.Tensor,
+        sources_inv_rms: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = False,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | dict | None = None,
+        depth_reads: list | None = None,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """As `AttnResDecoderLayer.forward`; `position_embeddings` may map layer types to their own (Gemma 3)."""
+        partial_sum = None if self.starts_block else hidden_states
+        implementation = depth_attention(self.config, hidden_states.device)
+        if depth_reads is None:
+            depth_reads = implementation.read(sources, sources_inv_rms, fold_queries(*self.depth_query_parts()))
+        attention_read, mlp_read = depth_reads
+        if isinstance(position_embeddings, dict):
+            position_embeddings = position_embeddings[self.attention_type]
+        attention, mlp = self.layout.sublayers
+
+        attention_norm = getattr(self, attention.norm)
+        attention_input = normalized_input(
+            self.attention_input, implementation, attention_read, partial_sum, attention_norm, **kwargs
+        )
+        attention_output = getattr(self, attention.module)(
+            hidden_states=attention_input,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            position_embeddings=position_embeddings,
+            # the family's attention takes the cache under the installed release's name only: under the other it
+            # would land in **kwargs and the cache would silently never be updated
+            **{CACHE_NAME: cache},
+            **kwargs,
+        )
+        attention_output = self.sublayer_output(attention, attention_output)
+        partial_sum = attention_output if partial_sum is None else partial_sum + attention_output
+
+        mlp_norm = getattr(self, mlp.norm)
+        mlp_input = normalized_input(self.mlp_input, implementation, mlp_read, partial_sum, mlp_norm, **kwargs)
+        mlp_output = self.sublayer_output(mlp, getattr(self, mlp.module)(mlp_input))
+        # CODEPATH: Full AttnRes (residual_mode "full"): every sublayer output is a source of its own.
+        if self.mlp_starts_block:
+            return mlp_output, attention_output
+        return partial_sum + mlp_output, None
+
+
 class AttnResPreTrainedModel(PreTrainedModel):
     config: AttnResConfig
     config_class = AttnResConfig
@@ -908,11 +1157,43 @@ class AttnResPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True  # tested; `generate` with a static cache compiles the decode step on GPUs
+    # Recorded by module name where the module's class depends on the family: every family's attention is a layer's
+    # `self_attn`, every MoE router a layer's `mlp.gate` (`class_name` matches the end of the module's name, on
+    # transformers 5.4 to 5.25).
     _can_record_outputs = {
         "hidden_states": AttnResDecoderLayer,
-        "attentions": AttnResAttention,
+        "attentions": OutputRecorder(target_class=None, index=1, class_name="self_attn"),
+        "router_logits": OutputRecorder(target_class=None, index=0, class_name="mlp.gate"),
         "depth_attentions": OutputRecorder(AttnResAggregation, index=1),
     }
+    # The attention backends a family's modules support are the family's (Gemma 2 on transformers 5.25 claims no
+    # sdpa, which cannot soft-cap its attention logits); a family model takes these flags from it.
+    FAMILY_CAPABILITY_FLAGS = (
+        "_supports_sdpa",
+        "_supports_flash_attn",
+        "_supports_flex_attn",
+        "_supports_attention_backend",
+        "_can_compile_fullgraph",
+    )
+
+    def __init__(self, config: AttnResConfig, *inputs, **kwargs):
+        # CODEPATH: source_model_type (grafts of Gemma, Mixtral, Phi-3, ...): the family's capabilities, set on the
+        # instance before `PreTrainedModel.__init__` checks the requested attention implementation against them.
+        if config.source_model_type is not None:
+            family_model = family_class(family_layout(config), "PreTrainedModel")
+            for flag in self.FAMILY_CAPABILITY_FLAGS:
+                object.__setattr__(self, flag, getattr(family_model, flag, False))
+            # FSDP and `device_map` find the layers to keep whole by class name; a name missing from the model fails
+            object.__setattr__(self, "_no_split_modules", [AttnResFamilyDecoderLayer.__name__])
+        super().__init__(config, *inputs, **kwargs)
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        # transformers decides whether a model's experts implementation can be set by searching the model class's
+        # source file for "@use_experts_implementation" (5.4 reads the file, 5.25 its `inspect` source). The MoE
+        # blocks of a family model are the family's, which carry that decorator; the Llama-family modules have no
+        # experts, which nothing then reads.
+        return True
 
     def attn_res_parameters(self) -> dict[str, nn.Parameter]:
         """The AttnRes parameters by name: the pseudo-query (`*_res_proj`) and key norm (`*_res_norm`) of every
@@ -956,12 +1237,27 @@ class AttnResPreTrainedModel(PreTrainedModel):
             super().gradient_checkpointing_disable()
 
     def _init_weights(self, module: nn.Module) -> None:
-        super()._init_weights(module)
+        if self.config.source_model_type is None:
+            super()._init_weights(module)
+        elif not isinstance(module, ATTN_RES_MODULES):  # CODEPATH: source_model_type: the family initialises its own
+            family_initializer(self.config)._init_weights(module)
         # `init.*_` skip tensors loaded from a checkpoint and fill those a checkpoint lacks (a graft's).
         if isinstance(module, AttnResPseudoQuery):
             init.zeros_(module.weight)  # paper §3: "all pseudo-query vectors must be initialized to zero"
         elif isinstance(module, AttnResKeyNorm):
             init.ones_(module.weight)
+
+
+def family_initializer(config: AttnResConfig) -> PreTrainedModel:
+    """An instance of the family's `PreTrainedModel` whose `_init_weights` initialises the family's modules as the
+    family does, non-persistent buffers included (Gemma's `embed_scale`, Gemma 3's per-layer-type `inv_freq`), which
+    loading from the meta device leaves to it. Created without `__init__` (its `_init_weights` reads only `config`,
+    and calls the zero-argument `super()`, which needs an instance of its class; checked on transformers 5.4 and
+    5.25, and covered by the family save/load tests)."""
+    family_model = family_class(family_layout(config), "PreTrainedModel")
+    initializer = family_model.__new__(family_model)
+    object.__setattr__(initializer, "config", config)
+    return initializer
 
 
 @dataclass
@@ -978,9 +1274,12 @@ class AttnResModelOutputWithPast(BaseModelOutputWithPast, *OUTPUT_CACHE_ALIAS):
         sublayer and one for the final output: each aggregation's softmax weights over its sources (the embedding,
         the completed blocks or sublayer outputs, then the running partial sum); `attnres.layout.depth_source_names`
         names them.
+    router_logits (`tuple(torch.Tensor)`, *optional*, returned when `output_router_logits=True`):
+        A sparse MoE family's router logits, one tensor per MoE layer, as the family returns them.
     """
 
     depth_attentions: tuple[torch.Tensor, ...] | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -988,9 +1287,16 @@ class AttnResCausalLMOutputWithPast(CausalLMOutputWithPast, *OUTPUT_CACHE_ALIAS)
     r"""
     depth_attentions (`tuple(torch.Tensor)`, *optional*, returned when `output_depth_attentions=True`):
         See [`AttnResModelOutputWithPast`].
+    router_logits (`tuple(torch.Tensor)`, *optional*, returned when `output_router_logits=True`):
+        See [`AttnResModelOutputWithPast`].
+    aux_loss (`torch.Tensor`, *optional*, returned when `output_router_logits=True`):
+        A sparse MoE family's load-balancing loss, computed by the family's own `load_balancing_loss_func`; `loss`
+        includes it times `router_aux_loss_coef` when `labels` are given, as in the family's model.
     """
 
     depth_attentions: tuple[torch.Tensor, ...] | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None
+    aux_loss: torch.Tensor | None = None
 
 
 class AttnResModel(AttnResPreTrainedModel):
@@ -1019,21 +1325,64 @@ class AttnResModel(AttnResPreTrainedModel):
             )
         self.padding_idx = config.pad_token_id
         self.vocab_size = config.vocab_size
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
-        self.layers = nn.ModuleList(
-            [AttnResDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
-        )
         output = 2 * config.num_hidden_layers  # the final output reads like one more sublayer
-        self.norm = AttnResRMSNorm(config.hidden_size, eps=config.rms_norm_eps / config.num_depth_sources(output) ** 2)
+        self.embedding_multiplier = None
+        self.rope_layer_types = None
+        if config.source_model_type is None:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+            self.layers = nn.ModuleList(
+                [AttnResDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+            )
+            self.norm = AttnResRMSNorm(
+                config.hidden_size, eps=config.rms_norm_eps / config.num_depth_sources(output) ** 2
+            )
+            self.rotary_emb = AttnResRotaryEmbedding(config=config)
+        else:  # CODEPATH: source_model_type (grafts of Gemma, Mixtral, Phi-3, ...): the family's own modules
+            self.init_family_modules(config, family_layout(config), output)
         self.output_attn_res_proj = AttnResPseudoQuery(config.hidden_size)
         self.output_attn_res_norm = AttnResKeyNorm(config.hidden_size)
         self.final_input = AttnResAggregation(config)
-        self.rotary_emb = AttnResRotaryEmbedding(config=config)
         self.offloads_checkpointed_inputs = False  # set by `activation_checkpointing_enable(offload=True)`
         self.has_sliding_layers = "sliding_attention" in config.layer_types
         # the completed sources the final output reads (the last partial sum is merged in, never committed)
         self.max_completed_sources = config.num_depth_sources(output) - 1
         self.post_init()
+
+    def init_family_modules(self, config: AttnResConfig, layout: FamilyLayout, output: int) -> None:
+        """The embedding, layers, final norm and rotary embedding of `layout`'s family, built as the family's model
+        builds them (the signatures used are those of transformers 5.4 to 5.25)."""
+        if layout.scaled_embedding is not None:
+            self.embed_tokens = family_class(layout, "TextScaledWordEmbedding")(
+                config.vocab_size, config.hidden_size, self.padding_idx, embed_scale=config.hidden_size**0.5
+            )
+        else:
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [AttnResFamilyDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        # The family's final norm is its PreNorm class with eps `rms_norm_eps` (in every family here): a copy of the
+        # first layer's, given that eps, then made to read the output's aggregation.
+        final_norm = copy.deepcopy(getattr(self.layers[0], layout.sublayers[0].norm))
+        if layout.fixed_norm_eps is None:
+            setattr(final_norm, layout.norm_eps, config.rms_norm_eps)
+        self.norm = norm_reading_sources(final_norm, layout, config.num_depth_sources(output))
+        self.rotary_emb = family_class(layout, "RotaryEmbedding")(config=config)
+        # CODEPATH: embedding_multiplier (Granite checkpoints).
+        if layout.embedding_multiplier is not None:
+            self.embedding_multiplier = getattr(config, layout.embedding_multiplier)
+        # CODEPATH: rope_per_layer_type (Gemma 3 checkpoints): one rotary embedding per attention type.
+        if layout.rope_per_layer_type:
+            self.rope_layer_types = sorted(set(config.layer_types))
+
+    def position_embeddings(self, inputs_embeds: torch.Tensor, position_ids: torch.Tensor):
+        """The rotary `(cos, sin)` of the positions, or, for a family with a rotary embedding per attention type,
+        those of each type by name (each layer takes its own)."""
+        if self.rope_layer_types is None:
+            return self.rotary_emb(inputs_embeds, position_ids=position_ids)
+        return {
+            layer_type: self.rotary_emb(inputs_embeds, position_ids, layer_type)
+            for layer_type in self.rope_layer_types
+        }
 
     @accepts_both_cache_names
     @merge_with_config_defaults
@@ -1056,6 +1405,8 @@ class AttnResModel(AttnResPreTrainedModel):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
+        if self.embedding_multiplier is not None:  # Granite scales given embeddings too
+            inputs_embeds = inputs_embeds * self.embedding_multiplier
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         if position_ids is None:
@@ -1078,7 +1429,7 @@ class AttnResModel(AttnResPreTrainedModel):
 
         kwargs.setdefault("output_depth_attentions", getattr(self.config, "output_depth_attentions", False))
         layer_kwargs = dict(
-            position_embeddings=self.rotary_emb(inputs_embeds, position_ids=position_ids),
+            position_embeddings=self.position_embeddings(inputs_embeds, position_ids),
             position_ids=position_ids,
             use_cache=use_cache,
             **{CACHE_NAME: cache},  # the name GradientCheckpointingLayer clears when it recomputes a layer
@@ -1176,6 +1527,7 @@ class AttnResForCausalLM(AttnResPreTrainedModel, GenerationMixin):
         self.model = AttnResModel(config)
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.layout = None if config.source_model_type is None else family_layout(config)
         self.post_init()
 
     @accepts_both_cache_names
@@ -1215,9 +1567,22 @@ class AttnResForCausalLM(AttnResPreTrainedModel, GenerationMixin):
         kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(outputs.last_hidden_state[:, kept, :])
 
-        loss = None
+        if self.layout is not None:  # CODEPATH: source_model_type (Granite's and Gemma 2/3's logits)
+            logits = family_logits(self.layout, self.config, logits)
+
+        loss = aux_loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        # CODEPATH: moe (Mixtral, Qwen2-MoE, Qwen3-MoE checkpoints): the load-balancing loss as the family adds it.
+        if outputs.router_logits is not None and self.layout is not None and self.layout.moe:
+            aux_loss = family_modeling(self.layout).load_balancing_loss_func(
+                outputs.router_logits,
+                getattr(self.config, "num_experts", None) or self.config.num_local_experts,
+                self.config.num_experts_per_tok,
+                attention_mask,
+            )
+            if loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * aux_loss.to(loss.device)
 
         return AttnResCausalLMOutputWithPast(
             loss=loss,
@@ -1226,7 +1591,18 @@ class AttnResForCausalLM(AttnResPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             depth_attentions=outputs.depth_attentions,
+            router_logits=outputs.router_logits,
+            aux_loss=aux_loss,
         )
+
+
+def family_logits(layout: FamilyLayout, config: AttnResConfig, logits: torch.Tensor) -> torch.Tensor:
+    """The family's transform of the language-model head's output, in the family's order."""
+    if layout.logits_divisor is not None:
+        logits = logits / getattr(config, layout.logits_divisor)
+    if layout.logit_softcapping is not None and (cap := getattr(config, layout.logit_softcapping)) is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
 
 
 __all__ = ["AttnResForCausalLM", "AttnResModel", "AttnResPreTrainedModel"]
