@@ -4,6 +4,7 @@ Every source is built by transformers' own classes, with weights moved away from
 (`tiny_models.other_family_source`), saved with a tokenizer, converted by the CLI, and the graft loaded as remote
 code in a process where `attnres` cannot be imported."""
 
+import dataclasses
 import json
 
 import pytest
@@ -84,8 +85,8 @@ def test_grafted_family_computes_the_source_model(grafted, family):
     assert (root / f"{family}-dst" / "generation_config.json").is_file()
 
 
-def in_memory_graft(family: str, **overrides) -> tuple[torch.nn.Module, AttnResForCausalLM]:
-    source = other_family_source(family)
+def in_memory_graft(family: str, source=None, **overrides) -> tuple[torch.nn.Module, AttnResForCausalLM]:
+    source = other_family_source(family) if source is None else source
     config = AttnResConfig(**attnres_config_kwargs(source.config), attn_res_block_size=2, **overrides)
     config._attn_implementation = "eager"
     model = AttnResForCausalLM(config).eval()
@@ -111,6 +112,31 @@ def test_without_eps_over_n_squared_a_family_is_not_exact(family):
                     attribute = "eps" if layout.fixed_norm_eps is not None else layout.norm_eps
                     setattr(norm, attribute, layout.fixed_norm_eps or model.config.rms_norm_eps)
         assert relative_difference(model(ids).logits, expected) > 10 * TOLERANCES["fp32_graft_relative"]
+
+
+def test_phi3_long_rope_generation_recomputes_the_cache_as_the_source_does():
+    """Phi-3's long-rope checkpoints rotate positions with a short table up to `original_max_position_embeddings`
+    and a long one beyond: once a generation passes it, `Phi3ForCausalLM` drops the cache (keys rotated with the short
+    table) and recomputes the sequence. The graft does the same, so its greedy tokens are those of the source
+    recomputing the whole sequence at every step; without the reset (negative control) they are not. (The reference
+    is the recomputation, not the source's `generate`: transformers 5.4's Phi-3 drops the cache but then feeds only
+    the last token, and departs from it; 5.25's matches it.)"""
+    head_dim = 32 // 4  # tiny_models.COMMON
+    rope = {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": [1.0] * (head_dim // 2),
+        "long_factor": [4.0 + i for i in range(head_dim // 2)],  # far from the short table
+        "original_max_position_embeddings": 8,
+    }
+    source = other_family_source("phi3", rope_parameters=rope, original_max_position_embeddings=8)
+    source, model = in_memory_graft("phi3", source)
+    ids = torch.randint(3, 99, (1, 6), generator=torch.Generator().manual_seed(0))
+    options = dict(attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    expected = greedy_without_cache(source, ids, torch.ones_like(ids), 8)  # crosses position 8 at the 3rd token
+    assert torch.equal(model.generate(ids, **options), expected)
+    model.layout = dataclasses.replace(model.layout, long_rope_cache_reset=False)
+    assert not torch.equal(model.generate(ids, **options), expected)
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "qwen2_moe", "mixtral"])

@@ -946,6 +946,7 @@ class FamilyLayout:
     logit_softcapping: str | None = None  # logits = c * tanh(logits / c), c this field (Gemma 2, Gemma 3)
     rope_per_layer_type: bool = False  # `rotary_emb(x, position_ids, layer_type)` (Gemma 3)
     moe: bool = False  # sparse MoE MLPs: router logits recorded, auxiliary loss as the family computes it
+    long_rope_cache_reset: bool = False  # `generate` recomputes the cache past the short-rope positions (Phi-3)
 
 
 GEMMA2_SUBLAYERS = (
@@ -985,6 +986,7 @@ FAMILY_LAYOUTS = {
             FamilySublayer("input_layernorm", "self_attn", ("resid_attn_dropout",)),
             FamilySublayer("post_attention_layernorm", "mlp", ("resid_mlp_dropout",)),
         ),
+        long_rope_cache_reset=True,
     ),
     "glm4": FamilyLayout(
         "glm4",
@@ -1529,6 +1531,22 @@ class AttnResForCausalLM(AttnResPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.layout = None if config.source_model_type is None else family_layout(config)
         self.post_init()
+
+    def prepare_inputs_for_generation(self, input_ids: torch.LongTensor, inputs_embeds=None, **kwargs):
+        """`GenerationMixin`'s, except for a family that switches RoPE tables with the sequence length (Phi-3's
+        long-rope checkpoints): once the sequence first passes `original_max_position_embeddings`, the cached keys
+        were rotated with the short table, so the cache is dropped and the whole sequence recomputed, as
+        `Phi3ForCausalLM.prepare_inputs_for_generation` does (transformers 5.4 to 5.25; `generate` passes every
+        argument by keyword and reads `inputs_embeds` and `**kwargs` from this signature)."""
+        # CODEPATH: long_rope_cache_reset (Phi-3 checkpoints).
+        if self.layout is not None and self.layout.long_rope_cache_reset:
+            cache = kwargs.get(CACHE_NAME)
+            limit = getattr(self.config, "original_max_position_embeddings", None)
+            if cache is not None and limit is not None and input_ids.shape[1] > limit >= cache.get_seq_length():
+                kwargs[CACHE_NAME] = None
+                if "next_sequence_length" in kwargs:  # transformers 5.25: the whole sequence is the next input
+                    kwargs["next_sequence_length"] = None
+        return super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
 
     @accepts_both_cache_names
     @can_return_tuple
