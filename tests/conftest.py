@@ -30,6 +30,12 @@ requires_fsdp2_on_cpu = pytest.mark.skipif(
     Version(torch.__version__).release < (2, 13), reason="FSDP2 on CPU needs torch >= 2.13 (2.6: no record_event)"
 )
 
+# PEFT (0.21) reads `model.is_gradient_checkpointing`, deprecated since transformers 5.23: a FutureWarning from PEFT's
+# code, not this project's, for tests that call `get_peft_model` themselves (`attnres train` silences it itself).
+PEFT_READS_THE_DEPRECATED_FLAG = pytest.mark.filterwarnings(
+    "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"
+)
+
 
 def triton_runs_kernels_here() -> bool:
     """Whether triton is installed and runs the fused kernels here: on a GPU any release does; on a CPU its interpreter

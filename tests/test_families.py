@@ -17,7 +17,7 @@ from attnres import AttnResConfig, AttnResForCausalLM
 from attnres.cli import main
 from attnres.families import UNSUPPORTED_REASONS, attnres_config_kwargs
 from attnres.modeling_attnres import FAMILY_LAYOUTS, AttnResFamilyDecoderLayer
-from tests.conftest import TOLERANCES, assert_close
+from tests.conftest import PEFT_READS_THE_DEPRECATED_FLAG, TOLERANCES, assert_close
 from tests.test_remote_code import load_as_remote_code
 from tests.tiny_models import OTHER_FAMILIES, greedy_without_cache, other_family_source, tiny_tokenizer
 
@@ -219,6 +219,7 @@ def test_bidirectional_gemma3_is_refused(tmp_path, capsys):
     assert "use_bidirectional_attention=True makes it an encoder" in capsys.readouterr().err
 
 
+@PEFT_READS_THE_DEPRECATED_FLAG
 @pytest.mark.parametrize("family", ["phi3", "qwen3_moe", "gemma3_text"])
 def test_default_lora_targets_fit_every_family(family):
     """`attnres_lora_config()` without target_modules wraps what PEFT wraps on the source family (Phi-3: the fused

@@ -22,17 +22,12 @@ from attnres.cli import main
 from attnres.errors import AttnResError
 from attnres.peft_support import attnres_lora_config, is_attn_res_parameter
 from attnres.training import HAS_ACTIVATION_CHECKPOINTING_FLAGS, AttnResTrainer, parse_arguments, train
-from tests.conftest import assert_close, recorded_model_loads
+from tests.conftest import PEFT_READS_THE_DEPRECATED_FLAG, assert_close, recorded_model_loads
 from tests.eval_fixtures import write_model_pair
 from tests.tiny_models import randomize_, tiny_config
 
 
 REPO = Path(__file__).resolve().parents[1]
-# PEFT (0.21) reads `model.is_gradient_checkpointing`, deprecated since transformers 5.23: a FutureWarning from PEFT's
-# code, not this project's, for tests that call `get_peft_model` themselves (`attnres train` silences it itself).
-PEFT_READS_THE_DEPRECATED_FLAG = pytest.mark.filterwarnings(
-    "ignore:`is_gradient_checkpointing` is deprecated:FutureWarning"
-)
 
 
 def token_blocks(count=32, length=16, seed=0):
