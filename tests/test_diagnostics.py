@@ -168,3 +168,21 @@ def test_inspect_text_bad_input_is_one_line_and_leaves_nothing(tmp_path, capsys,
     assert err.startswith("attnres: error: ") and message.format(tmp=tmp_path) in err and err.count("\n") == 1, err
     assert "--force" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+@pytest.mark.parametrize("family", ["gemma2", "qwen2_moe", "granite"])
+def test_zero_query_family_graft_measures_like_its_source(family):
+    """The same for grafts built from a family's own modules (Gemma 2's scaled embedding and sandwich norms, a
+    sparse MoE with a shared expert, Granite's multipliers): the loss is the source's and each layer reads the
+    source's residual stream divided by its number of sources."""
+    from tests.test_families import in_memory_graft
+
+    source, graft = in_memory_graft(family)
+    ids = torch.randint(3, 99, (2, 12), generator=torch.Generator().manual_seed(0))
+    reference, measured = collect(source, ids, family), collect(graft, ids, "graft")
+    assert abs(measured.loss - reference.loss) < 1e-5
+    counts = [graft.config.num_depth_sources(sublayer) for sublayer in range(0, 11, 2)]
+    for layer, n in enumerate(counts):
+        expected = reference.layer_input_rms[layer] / n
+        assert abs(measured.layer_input_rms[layer] - expected) <= 1e-5 * expected, (family, layer, n)
+    assert len(measured.depth_attention) == 11
