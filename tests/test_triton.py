@@ -214,6 +214,27 @@ def test_model_equals_naive(mode, hidden, overrides):
 
 
 @launches_kernels
+@pytest.mark.parametrize("family", ["gemma3_text", "qwen2_moe"])
+def test_family_graft_equals_naive(family):
+    """Grafts built from a family's own modules take the fused kernels too: phase 1 per block and the merge, the
+    family's norms called as modules (they are not `AttnResRMSNorm`); values and gradients equal naive's."""
+    from tests.test_families import in_memory_graft
+
+    _, naive = in_memory_graft(family, attn_res_implementation="naive")
+    randomize_(naive, query_std=0.3)
+    fused = copy.deepcopy(naive)
+    fused.config.attn_res_implementation = "triton"
+    ids, mask = padded_batch()
+    expected_logits, expected_grads = logits_and_gradients(naive, ids, mask)
+    logits, grads = logits_and_gradients(fused, ids, mask)
+    torch.testing.assert_close(logits, expected_logits, rtol=0, atol=FP32_ATOL)
+    errors = {name: relative_error(grads[name], grad) for name, grad in expected_grads.items()}
+    worst = max(errors, key=errors.get)
+    print(f"[relative-error] triton {family} gradients: {errors[worst]:.2g} ({worst})")
+    assert grads.keys() == expected_grads.keys() and errors[worst] < FP32_GRAD_RELATIVE, worst
+
+
+@launches_kernels
 @pytest.mark.parametrize("mode", ["block", "full"])
 def test_one_token_decoding_equals_naive(mode):
     """Cached generation from a left-padded batch: each decoding step runs the kernels on one token per row."""
