@@ -232,6 +232,7 @@ class AttnResAttention(nn.Module):
         is_sliding = config.layer_types[layer_idx] == "sliding_attention"
         self.sliding_window = config.sliding_window if is_sliding else None
 
+    @accepts_both_cache_names  # the decoder layer hands the cache over as a family's attention takes it (CACHE_NAME)
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -800,6 +801,21 @@ class OffloadedLayerInputs(torch.autograd.graph.saved_tensors_hooks):
         super().__init__(pack, unpack)
 
 
+@dataclass(frozen=True)
+class FamilySublayer:
+    """One sublayer of a decoder layer, by the names of the layer's children: the PreNorm that reads the
+    residual stream, the sublayer itself, and the modules applied to its output before it joins the residual sum
+    (Gemma 2's and GLM-4's post-norms, Phi-3's residual dropout): for AttnRes they are part of the sublayer's value."""
+
+    norm: str
+    module: str
+    output_modules: tuple[str, ...] = ()
+
+
+# This file's Llama-family layers: attention, then MLP, nothing applied to their outputs.
+LLAMA_SUBLAYERS = (FamilySublayer("input_layernorm", "self_attn"), FamilySublayer("post_attention_layernorm", "mlp"))
+
+
 class AttnResDecoderLayer(GradientCheckpointingLayer):
     """One attention and one MLP sublayer, each reading its input through an AttnRes aggregation and keeping its
     PreNorm: `f_l(RMSNorm(h_l))`.
@@ -809,7 +825,13 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
     last commit (the current block's partial sum), and the completed sources with their `1 / rms`. The model commits
     sources between layers, so a layer never writes them and a recomputed (checkpointed) layer sees its inputs
     unchanged; at a layer that opens a block, `hidden_states` has just been committed and a new partial sum starts.
+
+    Which children are each sublayer's PreNorm and module, and what is applied to a sublayer's output, are `sublayers`
+    and `residual_multiplier`: this file's Llama-family modules here, a family's own in `AttnResFamilyDecoderLayer`.
     """
+
+    sublayers: tuple[FamilySublayer, FamilySublayer] = LLAMA_SUBLAYERS
+    residual_multiplier: float | None = None
 
     def __init__(self, config: AttnResConfig, layer_idx: int):
         super().__init__()
@@ -858,6 +880,17 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
             [self.self_attention_res_norm(), self.mlp_res_norm()],
         )
 
+    def sublayer_output(self, sublayer: FamilySublayer, output) -> torch.Tensor:
+        """The value a sublayer adds to the residual stream: its output (the first entry of a tuple, an attention's
+        or a router-returning MoE block's), through its output modules, times the multiplier."""
+        if isinstance(output, tuple):
+            output = output[0]
+        for name in sublayer.output_modules:
+            output = getattr(self, name)(output)
+        if self.residual_multiplier is not None:
+            output = output * self.residual_multiplier
+        return output
+
     @accepts_both_cache_names
     def forward(
         self,
@@ -868,12 +901,13 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = False,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | dict | None = None,
         depth_reads: list | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`sources` / `sources_inv_rms` are the completed sources this layer reads. `depth_reads`: the layer's two
         phase-1 reads when the model computed phase 1 for its whole block; otherwise the layer computes them.
+        `position_embeddings` may map layer types to their own (Gemma 3).
 
         Returns the running sum after the layer and, in Full AttnRes, the attention output for the model to commit."""
         partial_sum = None if self.starts_block else hidden_states
@@ -881,24 +915,31 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         if depth_reads is None:
             depth_reads = implementation.read(sources, sources_inv_rms, fold_queries(*self.depth_query_parts()))
         attention_read, mlp_read = depth_reads
+        if isinstance(position_embeddings, dict):
+            position_embeddings = position_embeddings[self.attention_type]
+        attention, mlp = self.sublayers
 
+        attention_norm = getattr(self, attention.norm)
         attention_input = normalized_input(
-            self.attention_input, implementation, attention_read, partial_sum, self.input_layernorm, **kwargs
+            self.attention_input, implementation, attention_read, partial_sum, attention_norm, **kwargs
         )
-        attention_output, _ = self.self_attn(
+        attention_output = getattr(self, attention.module)(
             hidden_states=attention_input,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=cache,
             use_cache=use_cache,
             position_embeddings=position_embeddings,
+            # a family's attention takes the cache under the installed release's name only: under the other it would
+            # land in **kwargs and the cache would silently never be updated
+            **{CACHE_NAME: cache},
             **kwargs,
         )
+        attention_output = self.sublayer_output(attention, attention_output)
         partial_sum = attention_output if partial_sum is None else partial_sum + attention_output
 
-        mlp_norm = self.post_attention_layernorm
+        mlp_norm = getattr(self, mlp.norm)
         mlp_input = normalized_input(self.mlp_input, implementation, mlp_read, partial_sum, mlp_norm, **kwargs)
-        mlp_output = self.mlp(mlp_input)
+        mlp_output = self.sublayer_output(mlp, getattr(self, mlp.module)(mlp_input))
         # CODEPATH: Full AttnRes (residual_mode "full"): every sublayer output is a source of its own.
         if self.mlp_starts_block:
             return mlp_output, attention_output
@@ -910,20 +951,6 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
 # MLP or sparse MoE block, norms, rotary embedding, under their own parameter names, so a graft copies the source's
 # tensors unchanged); AttnRes replaces only the residual sums. What differs between families around the sublayers is
 # declared in one `FamilyLayout` per family: a new family is a new entry, not new model code.
-
-
-@dataclass(frozen=True)
-class FamilySublayer:
-    """One sublayer of a family's decoder layer, by the names of the layer's children: the PreNorm that reads the
-    residual stream, the sublayer itself, and the modules applied to its output before it joins the residual sum
-    (Gemma 2's and GLM-4's post-norms, Phi-3's residual dropout): for AttnRes they are part of the sublayer's value."""
-
-    norm: str
-    module: str
-    output_modules: tuple[str, ...] = ()
-
-
-LLAMA_SUBLAYERS = (FamilySublayer("input_layernorm", "self_attn"), FamilySublayer("post_attention_layernorm", "mlp"))
 
 
 @dataclass(frozen=True)
@@ -1062,9 +1089,8 @@ ATTN_RES_MODULES = (AttnResPseudoQuery, AttnResKeyNorm, AttnResAggregation, Attn
 class AttnResFamilyDecoderLayer(AttnResDecoderLayer):
     """A decoder layer of another family (`config.source_model_type`): the children of the family's own decoder
     layer, adopted under their own names, with each sublayer reading an AttnRes aggregation through its PreNorm and its
-    output (after the family's output modules and multiplier) added to the running sum in place of the residual.
-
-    The depth state travels as in `AttnResDecoderLayer`, whose forward this one mirrors."""
+    output (after the family's output modules and multiplier) added to the running sum in place of the residual: the
+    forward of `AttnResDecoderLayer`, with the family's `sublayers` and `residual_multiplier`."""
 
     def __init__(self, config: AttnResConfig, layer_idx: int):
         GradientCheckpointingLayer.__init__(self)
@@ -1072,7 +1098,7 @@ class AttnResFamilyDecoderLayer(AttnResDecoderLayer):
         self.hidden_size = config.hidden_size
         self.attention_type = config.layer_types[layer_idx]
         layout = family_layout(config)
-        self.layout = layout
+        self.sublayers = layout.sublayers
         # The family's own layer, built as its model builds it (`<prefix>DecoderLayer(config, layer_idx)` on
         # transformers 5.4 to 5.25), from this config, so that `set_attn_implementation` reaches its modules.
         for name, child in family_class(layout, "DecoderLayer")(config, layer_idx).named_children():
@@ -1085,67 +1111,6 @@ class AttnResFamilyDecoderLayer(AttnResDecoderLayer):
         # CODEPATH: residual_multiplier (Granite checkpoints) scales every sublayer output.
         self.residual_multiplier = getattr(config, layout.residual_multiplier) if layout.residual_multiplier else None
         self.add_depth_modules(config, layer_idx)
-
-    def sublayer_output(self, sublayer: FamilySublayer, output) -> torch.Tensor:
-        """The value the family adds to its residual stream: the sublayer's output (the first entry of a tuple, an
-        attention's or a router-returning MoE block's), through its output modules, times the multiplier."""
-        if isinstance(output, tuple):
-            output = output[0]
-        for name in sublayer.output_modules:
-            output = getattr(self, name)(output)
-        if self.residual_multiplier is not None:
-            output = output * self.residual_multiplier
-        return output
-
-    @accepts_both_cache_names
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        sources: torch.Tensor,
-        sources_inv_rms: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        cache: Cache | None = None,
-        use_cache: bool | None = False,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor] | dict | None = None,
-        depth_reads: list | None = None,
-        **kwargs: Unpack[TransformersKwargs],
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """As `AttnResDecoderLayer.forward`; `position_embeddings` may map layer types to their own (Gemma 3)."""
-        partial_sum = None if self.starts_block else hidden_states
-        implementation = depth_attention(self.config, hidden_states.device)
-        if depth_reads is None:
-            depth_reads = implementation.read(sources, sources_inv_rms, fold_queries(*self.depth_query_parts()))
-        attention_read, mlp_read = depth_reads
-        if isinstance(position_embeddings, dict):
-            position_embeddings = position_embeddings[self.attention_type]
-        attention, mlp = self.layout.sublayers
-
-        attention_norm = getattr(self, attention.norm)
-        attention_input = normalized_input(
-            self.attention_input, implementation, attention_read, partial_sum, attention_norm, **kwargs
-        )
-        attention_output = getattr(self, attention.module)(
-            hidden_states=attention_input,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            use_cache=use_cache,
-            position_embeddings=position_embeddings,
-            # the family's attention takes the cache under the installed release's name only: under the other it
-            # would land in **kwargs and the cache would silently never be updated
-            **{CACHE_NAME: cache},
-            **kwargs,
-        )
-        attention_output = self.sublayer_output(attention, attention_output)
-        partial_sum = attention_output if partial_sum is None else partial_sum + attention_output
-
-        mlp_norm = getattr(self, mlp.norm)
-        mlp_input = normalized_input(self.mlp_input, implementation, mlp_read, partial_sum, mlp_norm, **kwargs)
-        mlp_output = self.sublayer_output(mlp, getattr(self, mlp.module)(mlp_input))
-        # CODEPATH: Full AttnRes (residual_mode "full"): every sublayer output is a source of its own.
-        if self.mlp_starts_block:
-            return mlp_output, attention_output
-        return partial_sum + mlp_output, None
 
 
 class AttnResPreTrainedModel(PreTrainedModel):
