@@ -33,6 +33,7 @@ def attnres_functions() -> set[tuple[int, str]]:
         code.phase_one,
         code.phase_two,
         code.fold_queries,
+        code.DepthQueries.folded,
         code.host_scalar,
         code.norm_with_eps,
         code.inverse_rms,

@@ -188,7 +188,7 @@ def operator(args, hidden: int, num_sources: int = 8, num_queries: int = 8, toke
     key eps, so the zero-query exactness of AttnRes' ε / n² does not hold there: a cost comparison only)."""
     import torch
 
-    from attnres.modeling_attnres import TritonDepthAttention, inverse_rms
+    from attnres.modeling_attnres import DepthQueries, TritonDepthAttention, inverse_rms
 
     if args.dry_run:
         num_sources, num_queries, tokens = 2, 2, 4
@@ -200,7 +200,8 @@ def operator(args, hidden: int, num_sources: int = 8, num_queries: int = 8, toke
     norm_weight = torch.ones(hidden, device=args.device, dtype=dtype, requires_grad=True)
 
     def ours():
-        reads = TritonDepthAttention.read(sources, inverse_rms(sources, 1e-6), queries * key_weights)  # w ⊙ γ
+        depth_queries = DepthQueries(list(queries.split(1)), list(key_weights.unbind()))
+        reads = TritonDepthAttention.read(sources, inverse_rms(sources, 1e-6), depth_queries)
         normed = [TritonDepthAttention.merge_norm(r, partial_sum, 1e-6, False, norm_weight, 1e-6)[2] for r in reads]
         sum(n.float().sum() for n in normed).backward()
 

@@ -16,11 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from attnres import AttnResForCausalLM
 from attnres.model_sources import REMOTE_CODE_FILES
 from attnres.modeling_attnres import (
     AttnResRMSNorm,
+    DepthQueries,
     NaiveDepthAttention,
     TritonDepthAttention,
     TwoPhaseDepthAttention,
@@ -57,11 +59,16 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 # --- the operators against the naive implementation ------------------------------------------------------------------
 
 
+def depth_queries(queries: torch.Tensor, key_weights: torch.Tensor) -> DepthQueries:
+    """`(Q, D)` pseudo-queries and key-norm scales as the model hands them to an implementation: one tensor each."""
+    return DepthQueries(list(queries.split(1)), list(key_weights.unbind()))
+
+
 def aggregate(implementation, sources, queries, key_weights, partial_sum, norm_weight, fused: bool) -> list:
     """Every aggregation of one block through `implementation`: each query's input, depth weights and normalised
     input (by the fused `merge_norm`, or by `merge` and then `AttnResRMSNorm` as a module)."""
     eps, norm_eps = 1e-6, 1e-5 / 9  # the key eps, and a PreNorm eps divided by n², as the model's are
-    reads = implementation.read(sources, inverse_rms(sources, eps), queries * key_weights)  # `fold_queries`' w ⊙ γ
+    reads = implementation.read(sources, inverse_rms(sources, eps), depth_queries(queries, key_weights))
     results = []
     for read in reads:
         if fused:
@@ -145,7 +152,8 @@ def test_merge_without_norm_is_two_phase_merge():
     """`merge` (the path for a norm that must be called as a module) gives what `TwoPhaseDepthAttention.merge` gives,
     for the same phase-1 inputs."""
     inputs = random_inputs(3, 64, torch.float32)
-    args = (inputs["sources"], inverse_rms(inputs["sources"], 1e-6), inputs["queries"] * inputs["key_weights"])
+    queries = depth_queries(inputs["queries"], inputs["key_weights"])
+    args = (inputs["sources"], inverse_rms(inputs["sources"], 1e-6), queries)
     for ours, theirs in zip(TritonDepthAttention.read(*args), TwoPhaseDepthAttention.read(*args)):
         for partial_sum in (inputs["partial_sum"], None):
             for actual, expected in zip(
@@ -153,6 +161,43 @@ def test_merge_without_norm_is_two_phase_merge():
                 TwoPhaseDepthAttention.merge(theirs, partial_sum, 1e-6, True),
             ):
                 torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6)
+
+
+@launches_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("hidden", [64, 200])
+def test_queries_read_in_place_equal_the_folded_ones(hidden, dtype):
+    """Without autograd the kernels read each pseudo-query and key norm where it lives (`phase_one_in_place`, `merge`
+    with the key norm) instead of a folded `w ⊙ γ` matrix: the same reads and merges as from the folded queries, up
+    to fp32 summation order. Parameters updated in place are read as they are now: the cached table holds their
+    addresses, not their values."""
+    inputs = random_inputs(6, hidden, dtype, num_queries=3)
+    pseudo_queries = [row.to(dtype) for row in inputs["queries"].split(1)]
+    key_weights = [row.to(dtype) for row in inputs["key_weights"].unbind()]
+    sources, partial_sum, norm = inputs["sources"], inputs["partial_sum"], inputs["norm"]
+    inv_rms = inverse_rms(sources, 1e-6)
+
+    def aggregations() -> list:
+        queries = DepthQueries(pseudo_queries, key_weights)
+        in_place = TritonDepthAttention.read(sources, inv_rms, queries)
+        with torch.enable_grad():  # autograd on: the folded queries
+            folded = TritonDepthAttention.read(sources, inv_rms, queries)
+        assert all(read[-1] is not None for read in in_place) and all(read[-1] is None for read in folded)
+        return [
+            [TritonDepthAttention.merge_norm(read, partial, 1e-6, True, norm, 1e-6) for partial in (partial_sum, None)]
+            for reads in (in_place, folded)
+            for read in reads
+        ]
+
+    with torch.no_grad():
+        for _ in range(2):
+            results = aggregations()
+            in_place, folded = results[:3], results[3:]
+            for ours, theirs in zip(tree_leaves(in_place), tree_leaves(folded)):
+                torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
+            for parameter in pseudo_queries + key_weights:
+                parameter.mul_(-1.5)  # the next round must see the new values
+        assert not torch.equal(tree_leaves(aggregations()[0])[0], tree_leaves(in_place)[0])
 
 
 # --- whole models against the naive implementation -------------------------------------------------------------------
@@ -291,8 +336,9 @@ def test_one_phase_one_launch_per_block_and_one_merge_per_sublayer_with_its_norm
         with torch.no_grad(), OperatorCounter() as counter:
             logits = fused(ids, attention_mask=mask).logits
         launches = {name.split("::")[1]: n for name, n in counter.counts.items() if not name.startswith("aten::")}
-        # 3 blocks (the output's query joins the last block's phase 1), 10 sublayers + the output
-        assert launches == {"phase_one": 3, "merge": 2 * 5 + 1}, launches
+        # 3 blocks (the output's query joins the last block's phase 1), 10 sublayers + the output; without autograd
+        # phase 1 reads the pseudo-queries and key norms in place
+        assert launches == {"phase_one_in_place": 3, "merge": 2 * 5 + 1}, launches
         assert norm_calls == []
         hooked = fused.model.layers[1].input_layernorm
         hooked.register_forward_hook(lambda *_: None)

@@ -54,6 +54,36 @@ except ImportError as error:
 
 
 @triton.jit
+def load_queries(
+    queries,
+    first_pseudo_query,
+    first_key_weight,
+    num_queries,
+    hidden,
+    features,
+    feature_mask,
+    IN_PLACE: tl.constexpr,
+    QP: tl.constexpr,
+):
+    """The `(QP, BD)` chunk `features` of a block's queries `w ⊙ γ`, fp32: rows of the folded matrix, or (IN_PLACE)
+    each aggregation's pseudo-query times its key-norm scale, read where the parameters live through `queries`, a
+    table of their addresses (the `Q` pseudo-queries, then the `Q` scales; the first of each, passed as a pointer,
+    gives their element types)."""
+    query_ids = tl.arange(0, QP)
+    query_mask = query_ids < num_queries
+    mask = query_mask[:, None] & feature_mask[None, :]
+    if IN_PLACE:
+        pseudo_queries = tl.load(queries + query_ids, mask=query_mask, other=0)
+        key_weights = tl.load(queries + num_queries + query_ids, mask=query_mask, other=0)
+        pseudo_queries = pseudo_queries.to(tl.pointer_type(first_pseudo_query.dtype.element_ty))
+        key_weights = key_weights.to(tl.pointer_type(first_key_weight.dtype.element_ty))
+        pseudo_query = tl.load(pseudo_queries[:, None] + features[None, :], mask=mask, other=0.0).to(tl.float32)
+        key_weight = tl.load(key_weights[:, None] + features[None, :], mask=mask, other=0.0).to(tl.float32)
+        return pseudo_query * key_weight
+    return tl.load(queries + query_ids[:, None] * hidden + features[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
 def phase_one_forward_kernel(
     sources,
     inv_rms,
@@ -61,12 +91,15 @@ def phase_one_forward_kernel(
     outputs,
     logsumexp,
     logits,
+    first_pseudo_query,
+    first_key_weight,
     num_sources,
     num_queries,
     num_tokens,
     hidden,
     source_stride,
     token_stride,
+    IN_PLACE: tl.constexpr,
     NP: tl.constexpr,
     QP: tl.constexpr,
     BD: tl.constexpr,
@@ -74,7 +107,8 @@ def phase_one_forward_kernel(
     """Phase 1 for one token: every query of a block against its completed sources (Algorithm 1, lines 2-6).
 
     Two passes over the sources, in chunks of BD features: the first accumulates the `N x Q` logits
-    `(w ⊙ γ) · v / rms(v)` and gives each query's softmax and log-sum-exp, the second the weighted sums."""
+    `(w ⊙ γ) · v / rms(v)` and gives each query's softmax and log-sum-exp, the second the weighted sums. The queries
+    come folded, or (IN_PLACE) as a table of their parameters' addresses (`load_queries`)."""
     token = tl.program_id(0).to(tl.int64)
     source_ids = tl.arange(0, NP)
     query_ids = tl.arange(0, QP)
@@ -89,10 +123,8 @@ def phase_one_forward_kernel(
         values = tl.load(
             source_rows + start + features[None, :], mask=source_mask[:, None] & feature_mask[None, :], other=0.0
         ).to(tl.float32)
-        query = tl.load(
-            queries + query_ids[:, None] * hidden + start + features[None, :],
-            mask=query_mask[:, None] & feature_mask[None, :],
-            other=0.0,
+        query = load_queries(
+            queries, first_pseudo_query, first_key_weight, num_queries, hidden, start + features, feature_mask, IN_PLACE, QP
         )
         scores += tl.sum(values[:, None, :] * query[None, :, :], axis=2)
 
@@ -273,6 +305,7 @@ def merge_forward_kernel(
     logsumexp,
     logits,
     query,
+    key_weight,
     partial_sum,
     norm_weight,
     normed,
@@ -284,6 +317,7 @@ def merge_forward_kernel(
     key_eps,
     norm_eps,
     HAS_PARTIAL: tl.constexpr,
+    HAS_KEY_WEIGHT: tl.constexpr,
     HAS_NORM: tl.constexpr,
     RETURN_WEIGHTS: tl.constexpr,
     NP: tl.constexpr,
@@ -295,7 +329,8 @@ def merge_forward_kernel(
     `z = (w ⊙ γ) · s / rms_ε(s)`, its weight `a = sigmoid(z - lse)`, the input `h = o + a (s - o)` (rounded to the
     input dtype, as the eager `lerp` is). The RMSNorm then normalises `h` with its own eps (ε / n², which keeps a
     zero-query graft exact) and scales by its weight, rounding where `AttnResRMSNorm` rounds. When asked, the depth
-    weights over the `N` completed sources and the partial sum come out too: `p_i (1 - a)` and `a`."""
+    weights over the `N` completed sources and the partial sum come out too: `p_i (1 - a)` and `a`. `query` is
+    `w ⊙ γ`, or `w` with `γ` in `key_weight` (HAS_KEY_WEIGHT: the parameters read in place)."""
     token = tl.program_id(0).to(tl.int64)
     features = tl.arange(0, BD)
     feature_mask = features < hidden
@@ -304,7 +339,9 @@ def merge_forward_kernel(
     lse = tl.load(logsumexp + token)
     if HAS_PARTIAL:
         partial = tl.load(partial_sum + row, mask=feature_mask, other=0.0).to(tl.float32)
-        pseudo_query = tl.load(query + features, mask=feature_mask, other=0.0)
+        pseudo_query = tl.load(query + features, mask=feature_mask, other=0.0).to(tl.float32)
+        if HAS_KEY_WEIGHT:
+            pseudo_query *= tl.load(key_weight + features, mask=feature_mask, other=0.0).to(tl.float32)
         partial_inv_rms = tl.rsqrt(tl.sum(partial * partial, axis=0) / hidden + key_eps)
         partial_logit = tl.sum(partial * pseudo_query, axis=0) * partial_inv_rms
         partial_weight = 1.0 / (1.0 + tl.exp(lse - partial_logit))
@@ -488,20 +525,24 @@ def phase_one_tile(hidden: int, sources: int, queries: int) -> int:
 # --- phase 1 ---------------------------------------------------------------------------------------------------------
 
 
-@torch.library.custom_op(f"{NAMESPACE}::phase_one", mutates_args=())
-def phase_one(
-    sources: torch.Tensor, sources_inv_rms: torch.Tensor, queries: torch.Tensor
+def launch_phase_one(
+    sources: torch.Tensor,
+    sources_inv_rms: torch.Tensor,
+    queries: torch.Tensor,
+    num_queries: int,
+    first_pseudo_query: torch.Tensor | None = None,
+    first_key_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Phase 1 (Algorithm 1): `queries` `(Q, D)` fp32 against `sources` `(N, B, T, D)` with their fp32 `1 / rms`
-    `(N, B, T)`. Returns each query's weighted sum `(Q, B, T, D)` in the sources' dtype, and fp32 log-sum-exps
-    `(Q, B, T)` and logits `(Q, N, B, T)`."""
+    """`phase_one_forward_kernel` over every token, the queries folded (`queries` `(Q, D)`) or in place (`queries`
+    the address table, with the first parameters for their element types)."""
     num_sources, *tokens_shape, hidden = sources.shape
-    num_queries, num_tokens = queries.shape[0], sources[0].numel() // hidden
+    num_tokens = sources[0].numel() // hidden
     flat = sources.reshape(num_sources, num_tokens, hidden)
     outputs = sources.new_empty(num_queries, *tokens_shape, hidden)
-    logsumexp = queries.new_empty(num_queries, *tokens_shape)
-    logits = queries.new_empty(num_queries, num_sources, *tokens_shape)
+    logsumexp = sources_inv_rms.new_empty(num_queries, *tokens_shape)
+    logits = sources_inv_rms.new_empty(num_queries, num_sources, *tokens_shape)
     sources_block, queries_block = next_power_of_2(num_sources), next_power_of_2(num_queries)
+    in_place = first_pseudo_query is not None
     phase_one_forward_kernel[(num_tokens,)](
         flat,
         sources_inv_rms.contiguous(),
@@ -509,12 +550,15 @@ def phase_one(
         outputs,
         logsumexp,
         logits,
+        first_pseudo_query if in_place else queries,  # unread placeholders for the folded queries
+        first_key_weight if in_place else queries,
         num_sources,
         num_queries,
         num_tokens,
         hidden,
         flat.stride(0),
         flat.stride(1),
+        IN_PLACE=in_place,
         NP=sources_block,
         QP=queries_block,
         BD=phase_one_tile(hidden, sources_block, queries_block),
@@ -522,13 +566,67 @@ def phase_one(
     return outputs, logsumexp, logits
 
 
-@phase_one.register_fake
-def _(sources, sources_inv_rms, queries):
+@torch.library.custom_op(f"{NAMESPACE}::phase_one", mutates_args=())
+def phase_one(
+    sources: torch.Tensor, sources_inv_rms: torch.Tensor, queries: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Phase 1 (Algorithm 1): `queries` `(Q, D)` fp32 against `sources` `(N, B, T, D)` with their fp32 `1 / rms`
+    `(N, B, T)`. Returns each query's weighted sum `(Q, B, T, D)` in the sources' dtype, and fp32 log-sum-exps
+    `(Q, B, T)` and logits `(Q, N, B, T)`."""
+    return launch_phase_one(sources, sources_inv_rms, queries, queries.shape[0])
+
+
+def phase_one_outputs_like(sources: torch.Tensor, sources_inv_rms: torch.Tensor, num_queries: int):
     num_sources, *tokens_shape, hidden = sources.shape
     return (
-        sources.new_empty(queries.shape[0], *tokens_shape, hidden),
-        queries.new_empty(queries.shape[0], *tokens_shape),
-        queries.new_empty(queries.shape[0], num_sources, *tokens_shape),
+        sources.new_empty(num_queries, *tokens_shape, hidden),
+        sources_inv_rms.new_empty(num_queries, *tokens_shape),
+        sources_inv_rms.new_empty(num_queries, num_sources, *tokens_shape),
+    )
+
+
+@phase_one.register_fake
+def _(sources, sources_inv_rms, queries):
+    return phase_one_outputs_like(sources, sources_inv_rms, queries.shape[0])
+
+
+@functools.lru_cache(maxsize=256)
+def address_table(device: torch.device, addresses: tuple[int, ...]) -> torch.Tensor:
+    """`addresses` as an int64 tensor on `device`, made once per set of parameter locations (one host-to-device copy,
+    not one per step). Its content is a function of the key alone, so a table found here is never stale: parameters
+    updated in place keep their addresses, and parameters moved or reallocated give a new key."""
+    return torch.tensor(addresses, dtype=torch.int64, device=device)
+
+
+@torch.library.custom_op(f"{NAMESPACE}::phase_one_in_place", mutates_args=())
+def phase_one_in_place(
+    sources: torch.Tensor,
+    sources_inv_rms: torch.Tensor,
+    pseudo_queries: list[torch.Tensor],
+    key_weights: list[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`phase_one` for the queries `w ⊙ γ` of the pseudo-queries `w` `(1, D)` and key-norm scales `γ` `(D,)` (each
+    list of one dtype, contiguous, on the sources' device), read in place by the kernel: no folded matrix is
+    written and read back. Inference only (no backward): in decoding at batch 1 the fold moves more bytes than the
+    aggregations themselves, in training it is spread over every token of the batch."""
+    table = address_table(sources.device, tuple(tensor.data_ptr() for tensor in pseudo_queries + key_weights))
+    return launch_phase_one(sources, sources_inv_rms, table, len(pseudo_queries), pseudo_queries[0], key_weights[0])
+
+
+@phase_one_in_place.register_fake
+def _(sources, sources_inv_rms, pseudo_queries, key_weights):
+    return phase_one_outputs_like(sources, sources_inv_rms, len(pseudo_queries))
+
+
+def reads_in_place(queries, device: torch.device) -> bool:
+    """Whether `phase_one_in_place` can read these queries' parameters (a `DepthQueries`): outside autograd and
+    `torch.compile` (which folds them in its own fused kernel), each list of one dtype, contiguous, on `device`."""
+    if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return False
+    return all(
+        len({tensor.dtype for tensor in tensors}) == 1
+        and all(tensor.is_contiguous() and tensor.device == device for tensor in tensors)
+        for tensors in (queries.pseudo_queries, queries.key_weights)
     )
 
 
@@ -658,6 +756,7 @@ def merge(
     logsumexp: torch.Tensor,
     logits: torch.Tensor,
     query: torch.Tensor,
+    key_weight: torch.Tensor | None,
     partial_sum: torch.Tensor | None,
     norm_weight: torch.Tensor | None,
     key_eps: float,
@@ -666,7 +765,8 @@ def merge(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Phase 2 of one aggregation: phase 1's `output` `(B, T, D)`, `logsumexp` `(B, T)` and `logits` `(N, B, T)` for
     this query, merged with `partial_sum` `(B, T, D)` when there is one, then normalised by an RMSNorm of weight
-    `norm_weight` and eps `norm_eps` when one is given.
+    `norm_weight` and eps `norm_eps` when one is given. `query` is `w ⊙ γ` fp32 `(D,)`, or with `key_weight` `γ`
+    the pseudo-query `w` itself, both read in place (inference only, as `phase_one_in_place`).
 
     Returns `(normed, merged, weights)`, each empty when not computed: the normalised input (dtype: the weight's
     times the input's), the merged input `h` (only with a partial sum: without one `h` is phase 1's output), and the
@@ -691,6 +791,7 @@ def merge(
         logsumexp.contiguous(),
         logits.contiguous(),
         query.contiguous(),
+        key_weight.contiguous() if key_weight is not None else query,
         partial_sum.contiguous() if has_partial else output,
         norm_weight.contiguous() if has_norm else query,
         normed if has_norm else output,  # outputs not computed get an unwritten placeholder pointer
@@ -702,6 +803,7 @@ def merge(
         key_eps,
         norm_eps,
         HAS_PARTIAL=has_partial,
+        HAS_KEY_WEIGHT=key_weight is not None,
         HAS_NORM=has_norm,
         RETURN_WEIGHTS=return_weights,
         NP=next_power_of_2(num_sources),
@@ -712,7 +814,7 @@ def merge(
 
 
 @merge.register_fake
-def _(output, logsumexp, logits, query, partial_sum, norm_weight, key_eps, norm_eps, return_weights):
+def _(output, logsumexp, logits, query, key_weight, partial_sum, norm_weight, key_eps, norm_eps, return_weights):
     merged = torch.empty_like(partial_sum) if partial_sum is not None else output.new_empty(0)
     normed = (
         output.new_empty(output.shape, dtype=torch.promote_types(norm_weight.dtype, merged.dtype))
@@ -803,7 +905,9 @@ def _(output, logsumexp, logits, query, partial_sum, norm_weight, key_eps, norm_
 
 
 def merge_setup_context(ctx, inputs, output) -> None:
-    output_, logsumexp, logits, query, partial_sum, norm_weight, key_eps, norm_eps, _ = inputs
+    output_, logsumexp, logits, query, key_weight, partial_sum, norm_weight, key_eps, norm_eps, _ = inputs
+    if key_weight is not None:
+        raise RuntimeError("merge reads the parameters in place only without autograd: fold the query (w ⊙ γ)")
     ctx.save_for_backward(output_, logsumexp, logits, query, partial_sum, norm_weight)
     ctx.key_eps, ctx.norm_eps = key_eps, norm_eps
     ctx.set_materialize_grads(False)
@@ -830,8 +934,9 @@ def merge_autograd(ctx, grad_normed, grad_merged, grad_weights):
         grad_logsumexp,
         grad_logits if grad_logits.numel() else None,
         query_grads.sum(0) if needs[3] and partial_sum is not None else None,
-        grad_partial if needs[4] else None,
-        norm_weight_grads.sum(0).to(norm_weight.dtype) if needs[5] else None,
+        None,
+        grad_partial if needs[5] else None,
+        norm_weight_grads.sum(0).to(norm_weight.dtype) if needs[6] else None,
         None,
         None,
         None,
@@ -856,18 +961,25 @@ class TritonDepthAttention:
     """The paper's two-phase computation (§4.2, Algorithm 1) as fused Triton kernels: `TwoPhaseDepthAttention`'s
     math, with each phase one kernel launch. See `NaiveDepthAttention` for the interface.
 
-    `read` is one `phase_one` launch for all the queries of a block (`w ⊙ γ`, folded by the model). `merge_norm` is one
-    `merge` launch per sublayer: the online-softmax merge with the running partial sum, the PreNorm RMSNorm that reads
-    the result and, when asked, the depth weights, where the eager path runs a dozen operators. `merge` is the same
-    launch without the RMSNorm, for a norm that must be called as a module (hooked, wrapped or offloaded). Activation
-    memory is O(N·d) as in `TwoPhaseDepthAttention`: phase 1 keeps only its logits and log-sum-exps and reads the
-    sources back from the shared buffer."""
+    `read` is one `phase_one` launch for all the queries of a block: the folded `w ⊙ γ` in training, and in
+    inference the pseudo-queries and key norms read in place (`phase_one_in_place`). `merge_norm` is one `merge`
+    launch per sublayer: the online-softmax merge with the running partial sum, the PreNorm RMSNorm that reads the
+    result and, when asked, the depth weights, where the eager path runs a dozen operators. `merge` is the same launch
+    without the RMSNorm, for a norm that must be called as a module (hooked, wrapped or offloaded). Activation memory
+    is O(N·d) as in `TwoPhaseDepthAttention`: phase 1 keeps only its logits and log-sum-exps and reads the sources
+    back from the shared buffer."""
 
     @staticmethod
     def read(sources, sources_inv_rms, queries) -> list:
         check_device(sources)
-        outputs, logsumexp, logits = phase_one(sources, sources_inv_rms, queries)
-        return list(zip(outputs.unbind(0), logsumexp.unbind(0), logits.unbind(0), queries.unbind(0)))
+        if reads_in_place(queries, sources.device):
+            pseudo_queries, key_weights = queries.pseudo_queries, queries.key_weights
+            outputs, logsumexp, logits = phase_one_in_place(sources, sources_inv_rms, pseudo_queries, key_weights)
+        else:
+            folded = queries.folded()
+            pseudo_queries, key_weights = folded.unbind(0), [None] * len(folded)
+            outputs, logsumexp, logits = phase_one(sources, sources_inv_rms, folded)
+        return list(zip(outputs.unbind(0), logsumexp.unbind(0), logits.unbind(0), pseudo_queries, key_weights))
 
     @staticmethod
     def merge(read, partial_sum, eps: float, return_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -885,9 +997,9 @@ class TritonDepthAttention:
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """`merge`, and the RMSNorm of weight `norm_weight` and eps `norm_eps` applied to its result in the same
         launch: `(hidden, weights, normed)`."""
-        output, logsumexp, logits, query = read
+        output, logsumexp, logits, query, key_weight = read
         normed, merged, weights = merge(
-            output, logsumexp, logits, query, partial_sum, norm_weight, eps, norm_eps, return_weights
+            output, logsumexp, logits, query, key_weight, partial_sum, norm_weight, eps, norm_eps, return_weights
         )
         return (
             output if partial_sum is None else merged,

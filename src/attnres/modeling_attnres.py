@@ -308,7 +308,7 @@ class AttnResPseudoQuery(nn.Module):
         self.weight = nn.Parameter(torch.empty(1, hidden_size))
 
     def forward(self) -> torch.Tensor:
-        """`w`, `(1, hidden)`, in the parameter's dtype (`fold_queries` casts all the queries it stacks at once)."""
+        """`w`, `(1, hidden)`, in the parameter's dtype (`DepthQueries` casts it where it is read)."""
         return self.weight
 
     def extra_repr(self) -> str:
@@ -332,12 +332,40 @@ class AttnResKeyNorm(nn.Module):
 
 
 def fold_queries(pseudo_queries: list[torch.Tensor], key_weights: list[torch.Tensor]) -> torch.Tensor:
-    """The queries of several aggregations as the implementations take them: `w ⊙ γ`, fp32 `(n, hidden)`.
+    """The queries of several aggregations as one matrix: `w ⊙ γ`, fp32 `(n, hidden)`.
 
     The key norm's scale folds into the query, `w · (γ ⊙ v / rms(v)) = (w ⊙ γ) · v / rms(v)`, so that no
-    implementation scales the sources per query. Three operations (five in half precision) whatever `n`: the model
-    folds the queries of all the aggregations it reads once per forward."""
+    implementation scales the sources per query. Three operations (five in half precision) whatever `n`."""
     return as_float32(torch.cat(pseudo_queries)) * as_float32(torch.stack(key_weights))
+
+
+class DepthQueries:
+    """The queries of several aggregations, kept as their parameters: each aggregation's pseudo-query `w` `(1,
+    hidden)` and key-norm scale `γ` `(hidden,)`, in order.
+
+    An implementation reads them either folded into one fp32 matrix (`folded`: `fold_queries`, computed the first time
+    any row is asked for, once for all the rows of the forward, which the model slices block by block), or in place,
+    a kernel reading each parameter where it lives (the Triton path in decoding, where the fold itself would move
+    more bytes than the aggregations: at batch 1 every parameter is read once per token)."""
+
+    def __init__(self, pseudo_queries: list[torch.Tensor], key_weights: list[torch.Tensor]) -> None:
+        self.pseudo_queries, self.key_weights = pseudo_queries, key_weights
+        self.whole, self.offset, self.matrix = self, 0, None
+
+    def __len__(self) -> int:
+        return len(self.pseudo_queries)
+
+    def __getitem__(self, rows: slice) -> "DepthQueries":
+        start, stop, _ = rows.indices(len(self))
+        part = DepthQueries(self.pseudo_queries[start:stop], self.key_weights[start:stop])
+        part.whole, part.offset = self.whole, self.offset + start
+        return part
+
+    def folded(self) -> torch.Tensor:
+        """`w ⊙ γ` of these rows, fp32 `(n, hidden)`: rows of the fold of the whole set."""
+        if self.whole.matrix is None:
+            self.whole.matrix = fold_queries(self.whole.pseudo_queries, self.whole.key_weights)
+        return self.whole.matrix[self.offset : self.offset + len(self)]
 
 
 def naive_depth_attention(values: torch.Tensor, query: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -346,7 +374,7 @@ def naive_depth_attention(values: torch.Tensor, query: torch.Tensor, eps: float)
     Args:
         values (`torch.Tensor` of shape `(num_sources, batch, seq, hidden)`): the sources `v_i`, oldest first.
         query (`torch.Tensor` of shape `(hidden,)`): the pseudo-query with the key norm's scale folded in, `w ⊙ γ`
-            (`fold_queries`).
+            (`DepthQueries.folded`).
         eps (`float`): the key RMSNorm's epsilon.
 
     Returns:
@@ -369,13 +397,13 @@ class NaiveDepthAttention:
     The interface, for any implementation: `read(sources, sources_inv_rms, queries)` does whatever can be done before
     the partial sum exists, for several aggregations at once, and returns one opaque read per query. `sources`
     `(num_sources, batch, seq, hidden)` are the completed sources in the model's dtype, `sources_inv_rms` their
-    `1 / rms(v_i)` (fp32, with the key norm's eps), `queries` `(num_queries, hidden)` fp32 `w ⊙ γ` (`fold_queries`).
+    `1 / rms(v_i)` (fp32, with the key norm's eps), `queries` a `DepthQueries`.
     `merge(read, partial_sum, eps, return_weights)` gives one aggregation's input `(batch, seq, hidden)` and, if
     asked, its weights `(batch, seq, num_sources)` over the completed sources then the partial sum."""
 
     @staticmethod
-    def read(sources, sources_inv_rms, queries) -> list:
-        return [(sources, query) for query in queries]
+    def read(sources, sources_inv_rms, queries: DepthQueries) -> list:
+        return [(sources, query) for query in queries.folded()]
 
     @staticmethod
     def merge(read, partial_sum, eps: float, return_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -574,7 +602,8 @@ class TwoPhaseDepthAttention:
     both phases run as autograd functions with hand-written backwards. See `NaiveDepthAttention` for the interface."""
 
     @staticmethod
-    def read(sources, sources_inv_rms, queries) -> list:
+    def read(sources, sources_inv_rms, queries: DepthQueries) -> list:
+        queries = queries.folded()
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
             outputs, logsumexp, probabilities = PhaseOneFunction.apply(sources, sources_inv_rms, queries)
         else:  # no autograd, or `torch.compile`, which plans the saved memory itself
@@ -874,7 +903,7 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
 
     def depth_query_parts(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The pseudo-queries `w` and key-norm scales `γ` of the layer's two aggregations (attention, MLP), each read
-        by calling its module, for `fold_queries`."""
+        by calling its module, for `DepthQueries`."""
         return (
             [self.self_attention_res_proj(), self.mlp_res_proj()],
             [self.self_attention_res_norm(), self.mlp_res_norm()],
@@ -913,7 +942,7 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         partial_sum = None if self.starts_block else hidden_states
         implementation = depth_attention(self.config, hidden_states.device)
         if depth_reads is None:
-            depth_reads = implementation.read(sources, sources_inv_rms, fold_queries(*self.depth_query_parts()))
+            depth_reads = implementation.read(sources, sources_inv_rms, DepthQueries(*self.depth_query_parts()))
         attention_read, mlp_read = depth_reads
         if isinstance(position_embeddings, dict):
             position_embeddings = position_embeddings[self.attention_type]
@@ -1465,8 +1494,8 @@ class AttnResModel(AttnResPreTrainedModel):
             blocks[-1].append(layer)
         return blocks
 
-    def depth_queries(self, sharing: list[bool]) -> torch.Tensor:
-        """The queries of every aggregation whose phase 1 the model computes, folded at once (`fold_queries`): the
+    def depth_queries(self, sharing: list[bool]) -> DepthQueries:
+        """The queries of every aggregation whose phase 1 the model computes (`DepthQueries`, folded at once): the
         attention and MLP aggregations of each layer in `sharing`, in order, then the output's (the last row).
 
         A layer shares its block's phase 1 (Algorithm 1: a block's queries share one read of the sources) unless
@@ -1482,7 +1511,7 @@ class AttnResModel(AttnResPreTrainedModel):
                 key_weights += layer_key_weights
         pseudo_queries.append(self.output_attn_res_proj())
         key_weights.append(self.output_attn_res_norm())
-        return fold_queries(pseudo_queries, key_weights)
+        return DepthQueries(pseudo_queries, key_weights)
 
 
 class AttnResForCausalLM(AttnResPreTrainedModel, GenerationMixin):
