@@ -124,7 +124,15 @@ def phase_one_forward_kernel(
             source_rows + start + features[None, :], mask=source_mask[:, None] & feature_mask[None, :], other=0.0
         ).to(tl.float32)
         query = load_queries(
-            queries, first_pseudo_query, first_key_weight, num_queries, hidden, start + features, feature_mask, IN_PLACE, QP
+            queries,
+            first_pseudo_query,
+            first_key_weight,
+            num_queries,
+            hidden,
+            start + features,
+            feature_mask,
+            IN_PLACE,
+            QP,
         )
         scores += tl.sum(values[:, None, :] * query[None, :, :], axis=2)
 
