@@ -354,8 +354,19 @@ BAD_SOURCES = {
 }
 
 
+@pytest.fixture
+def default_recursion_limit():
+    """Python's default recursion limit, which the nesting cases are sized for: Inductor raises the limit for the rest
+    of the process once anything is compiled, and a test that ran `torch.compile` earlier would let transformers read
+    a config nested 900 deep."""
+    limit = sys.getrecursionlimit()
+    sys.setrecursionlimit(1000)
+    yield
+    sys.setrecursionlimit(limit)
+
+
 @pytest.mark.parametrize("case", list(BAD_SOURCES))
-def test_bad_input_gives_one_line_error_and_leaves_nothing(tmp_path, capsys, case):
+def test_bad_input_gives_one_line_error_and_leaves_nothing(tmp_path, capsys, case, default_recursion_limit):
     damage, extra, message = BAD_SOURCES[case]
     make_source(tmp_path / "src")
     source = (damage(tmp_path / "src") if damage else None) or tmp_path / "src"  # some damage renames SRC

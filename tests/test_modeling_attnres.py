@@ -460,7 +460,8 @@ def test_torch_compile_fullgraph_matches_eager():
     with torch.no_grad():
         expected = model(ids).logits
         compiled = torch.compile(model, fullgraph=True)
-        assert_close(compiled(ids).logits, expected, "fp32", "compiled inference")
+        # fp32_regrouped: Inductor fuses and regroups the eager operators' sums (observed 1.3e-5)
+        assert_close(compiled(ids).logits, expected, "fp32_regrouped", "compiled inference")
     model.train()
     expected_grads = _gradients(model, ids)
     compiled_grads = _gradients(torch.compile(model, fullgraph=True), ids)

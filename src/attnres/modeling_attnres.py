@@ -443,6 +443,15 @@ def inverse_rms(hidden_states: torch.Tensor, eps: float, out: torch.Tensor | Non
     return torch.div(host_scalar(sqrt_hidden), norm_with_eps(hidden_states, eps), out=out)
 
 
+def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`AttnResRMSNorm`'s function with the same roundings (fp32 statistics, the normalised input rounded to the input
+    dtype, then the weight), its statistic computed as the aggregations compute theirs (`inverse_rms`: one fused
+    reduction where `rsqrt(mean(x²) + eps)` writes `x²` out and reads it back). Equal to the module up to fp32
+    rounding, not bit for bit: the module stays a bit-exact copy of Llama's, for the norms called as modules."""
+    inv_rms = inverse_rms(hidden_states, eps)
+    return weight * (as_float32(hidden_states) * inv_rms.unsqueeze(-1)).to(hidden_states.dtype)
+
+
 def phase_one(
     sources: torch.Tensor, sources_inv_rms: torch.Tensor, queries: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -629,9 +638,24 @@ class TwoPhaseDepthAttention:
             weights = torch.cat([weights * completed_weight.unsqueeze(-1), (1 - completed_weight).unsqueeze(-1)], -1)
         return hidden, weights
 
+    @staticmethod
+    def merge_norm(
+        read,
+        partial_sum: torch.Tensor | None,
+        eps: float,
+        return_weights: bool,
+        norm_weight: torch.Tensor,
+        norm_eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """`merge`, and the PreNorm RMSNorm of weight `norm_weight` and eps `norm_eps` that reads its result
+        (`rms_norm`: one operator and one pass over the input fewer than the module): `(hidden, weights, normed)`."""
+        hidden, weights = TwoPhaseDepthAttention.merge(read, partial_sum, eps, return_weights)
+        return hidden, weights, rms_norm(hidden, norm_weight, norm_eps)
+
 
 # `config.attn_res_implementation` -> implementation; a fused kernel plugs in with the same two static methods (and may
-# add `merge_norm`: the merge fused with the RMSNorm that reads it). "auto" picks one per device (`depth_attention`).
+# add `merge_norm`: the merge with the RMSNorm that reads it, computed together). "auto" picks one per device
+# (`depth_attention`).
 ATTN_RES_IMPLEMENTATIONS = {
     "naive": NaiveDepthAttention,
     "two_phase": TwoPhaseDepthAttention,
@@ -784,9 +808,10 @@ def normalized_input(
 
 
 def is_fusable_norm(norm: nn.Module) -> bool:
-    """Whether a kernel may compute `norm` from its weight and eps instead of calling it: a plain `AttnResRMSNorm`
-    with no hooks and no replaced `forward` (PEFT wrappers, accelerate's offloading hooks, user hooks all need the
-    call), holding its whole weight (not an FSDP or ZeRO-3 shard, nor an offloaded placeholder on the meta device)."""
+    """Whether an implementation may compute `norm` from its weight and eps instead of calling it: a plain
+    `AttnResRMSNorm` with no hooks and no replaced `forward` (PEFT wrappers, accelerate's offloading hooks, user hooks
+    all need the call), holding its whole weight (not an FSDP or ZeRO-3 shard, nor an offloaded placeholder on the
+    meta device)."""
     return (
         type(norm) is AttnResRMSNorm
         and not (norm._forward_hooks or norm._forward_pre_hooks)
