@@ -1,11 +1,12 @@
 """What AttnRes costs: prefill latency, decode speed, training-step time and memory, against transformers' Llama.
 
-Three models share every weight: transformers' `LlamaForCausalLM` (the PreNorm baseline), Block AttnRes (N = 8) and
-Full AttnRes, the AttnRes ones with random non-zero pseudo-queries. Each measurement interleaves them (llama, block,
-full, llama, ...) after a warm-up, rotating the order every round, so that machine noise hits all three alike; a ratio
-is computed per round (AttnRes / Llama of the same round) and the report gives its median and interquartile range,
-and the ratio of the fastest runs, both in wall time and in CPU time (the process's, all threads): on a shared
-machine noise only ever adds time, and CPU time is not inflated by waiting for the other processes' cores. Results go
+Three models share every weight (the same tensors): transformers' `LlamaForCausalLM` (the PreNorm baseline), Block
+AttnRes (N = 8) and Full AttnRes, the AttnRes ones with random non-zero pseudo-queries. Each measurement interleaves
+them (llama, block, full, llama, ...) after a warm-up, rotating the order every round, so that machine noise hits all
+three alike; a ratio is computed per round (AttnRes / Llama of the same round) and the report gives its median and
+interquartile range, and the ratio of the fastest runs, both in wall time and in CPU time (the process's, all
+threads): on a shared machine noise only ever adds time, and CPU time is not inflated by waiting for the other
+processes' cores. Results go
 to `benchmarks/results/overhead-<device>.{json,md}`.
 
     python benchmarks/overhead_benchmark.py                      # CPU, fp32 (the issue's setting)
@@ -46,16 +47,20 @@ def build_models(args) -> dict[str, torch.nn.Module]:
         pad_token_id=0,
     )
     torch.manual_seed(0)
-    models = {BASELINE: LlamaForCausalLM(LlamaConfig(**common))}
+    llama = LlamaForCausalLM(LlamaConfig(**common)).to(device=args.device, dtype=DTYPES[args.dtype])
+    models = {BASELINE: llama}
     for mode in MODES:
         model = AttnResForCausalLM(AttnResConfig(**common, residual_mode=mode, attn_res_num_blocks=8))
-        model.load_state_dict(models[BASELINE].state_dict(), strict=False)
+        # The same tensors, not copies (`assign=True`): every shared operator reads the same memory in every model,
+        # so that where the allocator placed each model's weights cannot tilt the ratios (measured: up to 2% between
+        # processes when each model had its own copy).
+        model.load_state_dict(llama.state_dict(), strict=False, assign=True)
         with torch.no_grad():  # non-zero queries: nothing may take a shortcut on uniform weights
             for name, param in model.attn_res_parameters().items():
                 if name.endswith("_proj.weight"):
                     param.normal_(0, 0.02)
-        models[mode] = model
-    return {name: model.to(device=args.device, dtype=DTYPES[args.dtype]).eval() for name, model in models.items()}
+        models[mode] = model.to(device=args.device, dtype=DTYPES[args.dtype])
+    return {name: model.eval() for name, model in models.items()}
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
