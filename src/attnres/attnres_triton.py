@@ -36,6 +36,7 @@ interpreted kernels and tracing fails; an opaque custom operator traces the same
 
 import functools
 import hashlib
+import typing
 
 import torch
 
@@ -610,8 +611,9 @@ def address_table(device: torch.device, addresses: tuple[int, ...]) -> torch.Ten
 def phase_one_in_place(
     sources: torch.Tensor,
     sources_inv_rms: torch.Tensor,
-    pseudo_queries: list[torch.Tensor],
-    key_weights: list[torch.Tensor],
+    # `typing.List`, not `list`: torch 2.6's schema inference knows only the former (2.13 both)
+    pseudo_queries: typing.List[torch.Tensor],  # noqa: UP006
+    key_weights: typing.List[torch.Tensor],  # noqa: UP006
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`phase_one` for the queries `w ⊙ γ` of the pseudo-queries `w` `(1, D)` and key-norm scales `γ` `(D,)` (each
     list of one dtype, contiguous, on the sources' device), read in place by the kernel: no folded matrix is
