@@ -10,7 +10,7 @@ bytes of one hidden-size vector `d` of the model dtype: decode is one token afte
 training step is the forward and backward of the loss on 2 x 32 tokens.
 
 The bounds. Launches meet the issue's budget on both paths (decode 7 and 2, training step 28 and 10), and so do
-bytes, but for `two_phase` in decoding: its bound is the count reached (14.4·d), rounded up, against the issue's 10·d.
+bytes, but for `two_phase` in decoding: its bound is the count reached (14.36·d), rounded up, against the issue's 10·d.
 Decode at batch 1 moves every AttnRes parameter once per token, and eager code must fold the 66 pseudo-query and
 key-norm vectors into one query matrix before any product can read them (`DepthQueries.folded`: cat, stack, product,
 about 7·d per sublayer), which phase 1 and the merges then read again. The same traffic is spread over the batch in a
@@ -18,7 +18,7 @@ batched decode. Below 10·d needs the folded queries kept across steps, which ea
 update through `.data` leaves no trace in the parameter's version counter), or a kernel that reads the parameters in
 place, as the fused path does.
 
-Where `two_phase` stands (and what moved it): decode +5.8 launches, +14.4·d; training step +26.5 launches, +28.0·d.
+Where `two_phase` stands (and what moved it): decode +5.75 launches, +14.36·d; training step +26.5 launches, +27.96·d.
 The PreNorm RMSNorm that reads an aggregation is computed with it (`TwoPhaseDepthAttention.merge_norm`, its statistic
 by one fused reduction): one operator and one pass over the input fewer than Llama's module, in the forward; its
 backward, through autograd, takes two operators more, so training launches went up by 2.1 and bytes down by 4·d.
@@ -28,9 +28,9 @@ gathers each block's four output gradients (2.1·d).
 
 The fused Triton path is counted with its kernels run by Triton's interpreter (a custom operator is one launch,
 whatever its grid, and reads every tensor it is handed: the parameters a kernel reads in place are its arguments, so
-they are counted in full). Measured: decode -4.2 launches and +2.7·d (its phase 1 and merges read each layer's
+they are counted in full). Measured: decode -4.16 launches and +2.72·d (its phase 1 and merges read each layer's
 pseudo-queries and key norms where they live, `phase_one_in_place`, so no folded matrix is written), training step
--12.2 launches and -10.3·d: fewer operators and bytes than Llama, the fused merge replacing the PreNorm RMSNorm's.
+-12.19 launches and -10.34·d: fewer operators and bytes than Llama, the fused merge replacing the PreNorm RMSNorm's.
 """
 
 import pytest

@@ -28,6 +28,7 @@ def test_remote_code_files_import_only_torch_transformers_and_each_other():
         "hashlib",
         "math",
         "re",
+        "typing",
         "torch",
         "transformers",
         "huggingface_hub",
