@@ -413,11 +413,17 @@ class NaiveDepthAttention:
         return hidden, weights if return_weights else None
 
 
+@functools.lru_cache(maxsize=64)
 def host_scalar(value: float) -> torch.Tensor:
     """`value` as a 0-dim fp32 CPU tensor: a binary operator on any device takes it as a kernel argument (PyTorch
     lets 0-dim CPU tensors meet tensors on other devices), without a launch or a copy, where a Python number would
-    not be accepted (`hypot`) or would need an operator of its own."""
-    return torch.tensor(value, dtype=torch.float32)
+    not be accepted (`hypot`) or would need an operator of its own.
+
+    Made once per value (a decoding step would otherwise build a hundred, each costing about as much as a launch), and
+    outside inference mode, so that autograd may save it even when it was first made inside `torch.inference_mode`.
+    Nothing writes it: it is only ever an operand."""
+    with torch.inference_mode(False):
+        return torch.tensor(value, dtype=torch.float32, device="cpu")
 
 
 def norm_with_eps(hidden_states: torch.Tensor, eps: float) -> torch.Tensor:
@@ -812,12 +818,16 @@ def is_fusable_norm(norm: nn.Module) -> bool:
     `AttnResRMSNorm` with no hooks and no replaced `forward` (PEFT wrappers, accelerate's offloading hooks, user hooks
     all need the call), holding its whole weight (not an FSDP or ZeRO-3 shard, nor an offloaded placeholder on the
     meta device)."""
+    weight = norm.weight
     return (
         type(norm) is AttnResRMSNorm
         and not (norm._forward_hooks or norm._forward_pre_hooks)
         and "forward" not in vars(norm)
-        and norm.weight.device.type != "meta"
-        and holds_full_parameters(norm, norm.weight.device)
+        # the norm's one parameter, checked directly: `holds_full_parameters` walks the module, which, 33 times per
+        # step, costs a decoding step more than its launches do
+        and type(weight) is nn.Parameter
+        and weight.device.type != "meta"
+        and weight.numel() > 0
     )
 
 
@@ -925,6 +935,21 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         """Whether this call of the layer runs under activation checkpointing: the condition on which
         `GradientCheckpointingLayer` (unchanged from transformers 5.4 to 5.25) checkpoints `forward`."""
         return self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+
+    def holds_depth_parameters(self, device: torch.device) -> bool:
+        """Whether the model may read this layer's pseudo-queries and key norms from outside its forward, to share its
+        block's phase 1: they hold their whole value on `device` now (`holds_full_parameters`). Only these four
+        modules are checked, the parameters the model would read (walking the whole layer, every step, cost a decoding
+        step more than the aggregations' launches)."""
+        return all(
+            holds_full_parameters(module, device)
+            for module in (
+                self.self_attention_res_proj,
+                self.self_attention_res_norm,
+                self.mlp_res_proj,
+                self.mlp_res_norm,
+            )
+        )
 
     def depth_query_parts(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The pseudo-queries `w` and key-norm scales `γ` of the layer's two aggregations (attention, MLP), each read
@@ -1465,7 +1490,7 @@ class AttnResModel(AttnResPreTrainedModel):
         )
         implementation = depth_attention(self.config, inputs_embeds.device)
         sharing = [
-            not layer.is_recomputed() and holds_full_parameters(layer, inputs_embeds.device) for layer in self.layers
+            not layer.is_recomputed() and layer.holds_depth_parameters(inputs_embeds.device) for layer in self.layers
         ]
         queries = self.depth_queries(sharing)
         blocks = self.blocks()
