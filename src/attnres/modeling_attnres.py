@@ -818,17 +818,12 @@ def is_fusable_norm(norm: nn.Module) -> bool:
     `AttnResRMSNorm` with no hooks and no replaced `forward` (PEFT wrappers, accelerate's offloading hooks, user hooks
     all need the call), holding its whole weight (not an FSDP or ZeRO-3 shard, nor an offloaded placeholder on the
     meta device)."""
+    if type(norm) is not AttnResRMSNorm or norm._forward_hooks or norm._forward_pre_hooks or "forward" in vars(norm):
+        return False
+    # the norm's one parameter, checked directly: `holds_full_parameters` walks the module, which, 33 times per step,
+    # costs a decoding step more than its launches do
     weight = norm.weight
-    return (
-        type(norm) is AttnResRMSNorm
-        and not (norm._forward_hooks or norm._forward_pre_hooks)
-        and "forward" not in vars(norm)
-        # the norm's one parameter, checked directly: `holds_full_parameters` walks the module, which, 33 times per
-        # step, costs a decoding step more than its launches do
-        and type(weight) is nn.Parameter
-        and weight.device.type != "meta"
-        and weight.numel() > 0
-    )
+    return type(weight) is nn.Parameter and weight.device.type != "meta" and weight.numel() > 0
 
 
 def holds_full_parameters(module: nn.Module, device: torch.device) -> bool:
