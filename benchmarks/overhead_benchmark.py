@@ -7,7 +7,7 @@ three alike; a ratio is computed per round (AttnRes / Llama of the same round) a
 interquartile range, and the ratio of the fastest runs, both in wall time and in CPU time (the process's, all
 threads): on a shared machine noise only ever adds time, and CPU time is not inflated by waiting for the other
 processes' cores. Results go
-to `benchmarks/results/overhead-<device>.{json,md}`.
+to `benchmarks/results/overhead-<device>-<dtype>[-<threads>thread].{json,md}`.
 
     python benchmarks/overhead_benchmark.py                      # CPU, fp32 (the issue's setting)
     python benchmarks/overhead_benchmark.py --device cuda --dtype bfloat16 --compile
@@ -278,6 +278,8 @@ def main() -> None:
 
     args.output.mkdir(parents=True, exist_ok=True)
     stem = f"overhead-{'cuda' if args.device.startswith('cuda') else 'cpu'}-{args.dtype}"
+    if args.threads is not None:  # a one-thread run must not overwrite the default run's results
+        stem += f"-{args.threads}thread"
     (args.output / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     lines = [
         f"device: {report['device']}, {args.dtype}, torch {torch.__version__}; model: {report['model']}",
