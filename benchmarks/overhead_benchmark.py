@@ -52,8 +52,8 @@ def build_models(args) -> dict[str, torch.nn.Module]:
     for mode in MODES:
         model = AttnResForCausalLM(AttnResConfig(**common, residual_mode=mode, attn_res_num_blocks=8))
         # The same tensors, not copies (`assign=True`): every shared operator reads the same memory in every model,
-        # so that where the allocator placed each model's weights cannot tilt the ratios (measured: up to 2% between
-        # processes when each model had its own copy).
+        # so that where the allocator placed each model's weights cannot tilt the ratios (with copies, the ratios of
+        # the same code moved by up to 2% between processes while the operator profiles did not).
         model.load_state_dict(llama.state_dict(), strict=False, assign=True)
         with torch.no_grad():  # non-zero queries: nothing may take a shortcut on uniform weights
             for name, param in model.attn_res_parameters().items():
