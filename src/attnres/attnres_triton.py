@@ -534,6 +534,17 @@ def phase_one_tile(hidden: int, sources: int, queries: int) -> int:
 # --- phase 1 ---------------------------------------------------------------------------------------------------------
 
 
+def phase_one_outputs_like(sources: torch.Tensor, sources_inv_rms: torch.Tensor, num_queries: int):
+    """Phase 1's outputs, unwritten: weighted sums `(Q, B, T, D)` in the sources' dtype, fp32 log-sum-exps `(Q, B, T)`
+    and logits `(Q, N, B, T)` (the kernel launch and the fake implementations allocate the same)."""
+    num_sources, *tokens_shape, hidden = sources.shape
+    return (
+        sources.new_empty(num_queries, *tokens_shape, hidden),
+        sources_inv_rms.new_empty(num_queries, *tokens_shape),
+        sources_inv_rms.new_empty(num_queries, num_sources, *tokens_shape),
+    )
+
+
 def launch_phase_one(
     sources: torch.Tensor,
     sources_inv_rms: torch.Tensor,
@@ -544,12 +555,10 @@ def launch_phase_one(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """`phase_one_forward_kernel` over every token, the queries folded (`queries` `(Q, D)`) or in place (`queries`
     the address table, with the first parameters for their element types)."""
-    num_sources, *tokens_shape, hidden = sources.shape
+    num_sources, *_, hidden = sources.shape
     num_tokens = sources[0].numel() // hidden
     flat = sources.reshape(num_sources, num_tokens, hidden)
-    outputs = sources.new_empty(num_queries, *tokens_shape, hidden)
-    logsumexp = sources_inv_rms.new_empty(num_queries, *tokens_shape)
-    logits = sources_inv_rms.new_empty(num_queries, num_sources, *tokens_shape)
+    outputs, logsumexp, logits = phase_one_outputs_like(sources, sources_inv_rms, num_queries)
     sources_block, queries_block = next_power_of_2(num_sources), next_power_of_2(num_queries)
     in_place = first_pseudo_query is not None
     phase_one_forward_kernel[(num_tokens,)](
@@ -583,15 +592,6 @@ def phase_one(
     `(N, B, T)`. Returns each query's weighted sum `(Q, B, T, D)` in the sources' dtype, and fp32 log-sum-exps
     `(Q, B, T)` and logits `(Q, N, B, T)`."""
     return launch_phase_one(sources, sources_inv_rms, queries, queries.shape[0])
-
-
-def phase_one_outputs_like(sources: torch.Tensor, sources_inv_rms: torch.Tensor, num_queries: int):
-    num_sources, *tokens_shape, hidden = sources.shape
-    return (
-        sources.new_empty(num_queries, *tokens_shape, hidden),
-        sources_inv_rms.new_empty(num_queries, *tokens_shape),
-        sources_inv_rms.new_empty(num_queries, num_sources, *tokens_shape),
-    )
 
 
 @phase_one.register_fake

@@ -348,24 +348,32 @@ class DepthQueries:
     a kernel reading each parameter where it lives (the Triton path in decoding, where the fold itself would move
     more bytes than the aggregations: at batch 1 every parameter is read once per token)."""
 
-    def __init__(self, pseudo_queries: list[torch.Tensor], key_weights: list[torch.Tensor]) -> None:
+    def __init__(
+        self,
+        pseudo_queries: list[torch.Tensor],
+        key_weights: list[torch.Tensor],
+        whole: "DepthQueries | None" = None,
+        offset: int = 0,
+    ) -> None:
         self.pseudo_queries, self.key_weights = pseudo_queries, key_weights
-        self.whole, self.offset, self.matrix = self, 0, None
+        # the set these rows were sliced from, and where they start in it (None: this is the whole set)
+        self.whole, self.offset = whole, offset
+        self.matrix = None  # the whole set's fold, once asked for
 
     def __len__(self) -> int:
         return len(self.pseudo_queries)
 
     def __getitem__(self, rows: slice) -> "DepthQueries":
         start, stop, _ = rows.indices(len(self))
-        part = DepthQueries(self.pseudo_queries[start:stop], self.key_weights[start:stop])
-        part.whole, part.offset = self.whole, self.offset + start
-        return part
+        whole = self if self.whole is None else self.whole
+        return DepthQueries(self.pseudo_queries[start:stop], self.key_weights[start:stop], whole, self.offset + start)
 
     def folded(self) -> torch.Tensor:
         """`w ⊙ γ` of these rows, fp32 `(n, hidden)`: rows of the fold of the whole set."""
-        if self.whole.matrix is None:
-            self.whole.matrix = fold_queries(self.whole.pseudo_queries, self.whole.key_weights)
-        return self.whole.matrix[self.offset : self.offset + len(self)]
+        whole = self if self.whole is None else self.whole
+        if whole.matrix is None:
+            whole.matrix = fold_queries(whole.pseudo_queries, whole.key_weights)
+        return whole.matrix[self.offset : self.offset + len(self)]
 
 
 def naive_depth_attention(values: torch.Tensor, query: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
