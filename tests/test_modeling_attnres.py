@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from attnres import AttnResConfig, AttnResForCausalLM
 from attnres.diagnostics import step_memory
 from attnres.layout import depth_source_names
-from attnres.modeling_attnres import AttnResRMSNorm, OffloadedLayerInputs
+from attnres.modeling_attnres import AttnResKeyNorm, AttnResPseudoQuery, AttnResRMSNorm, OffloadedLayerInputs
 from tests.conftest import TOLERANCES, assert_close, requires_fullgraph_compile
 from tests.reference_attnres import reference_logits
 from tests.tiny_models import FAMILIES, attnres_parameter_names, family_pair, randomize_, tiny_config
@@ -550,6 +550,38 @@ def test_device_map_auto_with_disk_offload_matches(tmp_path):
     # Offloaded layers hold meta tensors outside their forward, so each computes its own phase 1 instead of sharing
     # its block's: the same sums, grouped differently.
     assert_close(offloaded(ids).logits, model(ids).logits, "fp32_regrouped", "disk-offloaded vs in-memory logits")
+
+
+@pytest.mark.parametrize("hook", ["forward", "forward_pre", "full_backward", "replaced_forward"])
+def test_hooked_depth_parameters_are_read_by_calling_their_module(hook):
+    """A pseudo-query or key norm with no hooks is read directly (a module call per parameter would cost a decoding
+    step more than its aggregations); one that a hook or a replaced `forward` watches is read by calling it, once per
+    forward, with the same result. Covers `calls_only_forward`'s reading of nn.Module's hook dictionaries."""
+    model = attnres_model("block", query_std=0.3)
+    ids = random_ids()
+    with torch.no_grad():
+        expected = model(ids).logits
+    watched = model.model.layers[1].mlp_res_norm
+    calls = []
+    if hook == "replaced_forward":  # as accelerate's hooks do
+        plain_forward = watched.forward
+        watched.forward = lambda: calls.append(watched) or plain_forward()
+    elif hook == "full_backward":
+        watched.register_full_backward_hook(lambda *_: None)
+    else:
+        getattr(watched, f"register_{hook}_hook")(lambda *_: calls.append(watched))
+    called = []
+    global_hook = torch.nn.modules.module.register_module_forward_hook(
+        lambda module, *_: called.append(module) if isinstance(module, (AttnResPseudoQuery, AttnResKeyNorm)) else None
+    )
+    try:
+        with torch.no_grad():
+            logits = model(ids).logits
+    finally:
+        global_hook.remove()
+    assert called == [watched]  # the other 2L + 1 depth modules were read without a call
+    assert len(calls) == (hook != "full_backward")
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
 
 
 def test_a_checkpoint_loads_into_the_other_mode_with_only_its_mode_changed(tmp_path):

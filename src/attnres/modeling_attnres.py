@@ -331,6 +331,10 @@ class AttnResKeyNorm(nn.Module):
         return f"hidden_size={self.weight.shape[-1]}"
 
 
+# The modules holding the depth parameters, each returning its one parameter when called.
+DEPTH_MODULES = (AttnResPseudoQuery, AttnResKeyNorm)
+
+
 def fold_queries(pseudo_queries: list[torch.Tensor], key_weights: list[torch.Tensor]) -> torch.Tensor:
     """The queries of several aggregations as one matrix: `w ⊙ γ`, fp32 `(n, hidden)`.
 
@@ -434,27 +438,30 @@ def host_scalar(value: float) -> torch.Tensor:
         return torch.tensor(value, dtype=torch.float32, device="cpu")
 
 
-def norm_with_eps(hidden_states: torch.Tensor, eps: float) -> torch.Tensor:
+def norm_with_eps(hidden_states: torch.Tensor, eps: float, keepdim: bool = False) -> torch.Tensor:
     """`sqrt(|x|² + d·eps) = sqrt(d) · rms_eps(x)` over the hidden dimension `d`, fp32, from `x` in any dtype, in
-    two operations (a norm, then a `hypot` with the constant) where `rsqrt(mean(x²) + eps)` takes four.
+    two operations (a norm, then a `hypot` with the constant) where `rsqrt(mean(x²) + eps)` takes four. With
+    `keepdim`, shaped `(..., 1)` to scale `x` without an `unsqueeze` (itself an operator call).
 
     Under `torch.compile` the constant is folded by plain arithmetic instead, which the compiler fuses; a CPU tensor
     in a graph would keep it from capturing CUDA graphs."""
-    norm = torch.linalg.vector_norm(hidden_states, dim=-1, dtype=torch.float32)
+    norm = torch.linalg.vector_norm(hidden_states, dim=-1, keepdim=keepdim, dtype=torch.float32)
     scaled_eps = hidden_states.shape[-1] * eps
     if torch.compiler.is_compiling():
         return torch.sqrt(norm * norm + scaled_eps)
     return torch.hypot(norm, host_scalar(scaled_eps**0.5))
 
 
-def inverse_rms(hidden_states: torch.Tensor, eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
-    """`1 / sqrt(mean(x²) + eps) = sqrt(d) / norm_with_eps(x)`, fp32: (..., hidden) -> (...), written into `out` when
-    given (a slot of the sources' buffer: no copy)."""
+def inverse_rms(
+    hidden_states: torch.Tensor, eps: float, out: torch.Tensor | None = None, keepdim: bool = False
+) -> torch.Tensor:
+    """`1 / sqrt(mean(x²) + eps) = sqrt(d) / norm_with_eps(x)`, fp32: (..., hidden) -> (...) (`(..., 1)` with
+    `keepdim`), written into `out` when given (a slot of the sources' buffer: no copy)."""
     sqrt_hidden = hidden_states.shape[-1] ** 0.5
     if torch.compiler.is_compiling():
-        inv_rms = sqrt_hidden / norm_with_eps(hidden_states, eps)
+        inv_rms = sqrt_hidden / norm_with_eps(hidden_states, eps, keepdim)
         return inv_rms if out is None else out.copy_(inv_rms)
-    return torch.div(host_scalar(sqrt_hidden), norm_with_eps(hidden_states, eps), out=out)
+    return torch.div(host_scalar(sqrt_hidden), norm_with_eps(hidden_states, eps, keepdim), out=out)
 
 
 def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -462,8 +469,8 @@ def rms_norm(hidden_states: torch.Tensor, weight: torch.Tensor, eps: float) -> t
     dtype, then the weight), its statistic computed as the aggregations compute theirs (`inverse_rms`: one fused
     reduction where `rsqrt(mean(x²) + eps)` writes `x²` out and reads it back). Equal to the module up to fp32
     rounding, not bit for bit: the module stays a bit-exact copy of Llama's, for the norms called as modules."""
-    inv_rms = inverse_rms(hidden_states, eps)
-    return weight * (as_float32(hidden_states) * inv_rms.unsqueeze(-1)).to(hidden_states.dtype)
+    inv_rms = inverse_rms(hidden_states, eps, keepdim=True)
+    return weight * cast(as_float32(hidden_states) * inv_rms, hidden_states.dtype)
 
 
 def phase_one(
@@ -481,19 +488,15 @@ def phase_one(
         sources' dtype), `logsumexp` `(batch, seq, num_queries)`, and `scores` (`w ⊙ γ · v`, before the `1 / rms`)
         and `probabilities` `(num_sources, batch, seq, num_queries)`.
     """
-    num_sources, batch, seq, hidden = sources.shape
     stack = as_float32(sources)
-    scores = torch.matmul(stack, queries.t())
+    scores = nn.functional.linear(stack, queries)
     logits = scores * sources_inv_rms.unsqueeze(-1)  # w · γ ⊙ v / rms(v)
     probabilities = torch.softmax(logits, dim=0)
     # the last entry of the running log-sum-exp: one operator, and as exact as torch.logsumexp's several
     logsumexp = torch.logcumsumexp(logits, dim=0)[-1]
     # one (queries x sources) @ (sources x hidden) product per token, on strided views: BLAS reads them in place
-    outputs = torch.bmm(
-        probabilities.view(num_sources, batch * seq, -1).permute(1, 2, 0),
-        stack.view(num_sources, batch * seq, hidden).transpose(0, 1),
-    )
-    return outputs.view(batch, seq, -1, hidden), logsumexp, scores, probabilities
+    outputs = torch.matmul(probabilities.permute(1, 2, 3, 0), stack.permute(1, 2, 0, 3))
+    return outputs, logsumexp, scores, probabilities
 
 
 class PhaseOneFunction(torch.autograd.Function):
@@ -562,16 +565,18 @@ def phase_two(
 
     The completed sources' total weight is `e^ℓ / (e^ℓ + e^s) = sigmoid(ℓ - s)`, with `ℓ` their log-sum-exp and
     `s = w ⊙ γ · p / rms(p)` the partial sum's logit, and the input is the lerp from `p` to phase 1's (fp32) output
-    `o` by that weight: six operators, whatever the number of sources.
+    `o` by that weight: six operators, whatever the number of sources. Every per-token scalar is kept as a `(batch,
+    seq, 1)` column (`logsumexp` is one, `query` is `(hidden, 1)`), so that none needs an `unsqueeze` to scale a
+    hidden vector: in decoding each operator call, a view's included, costs about as much as its arithmetic.
 
     Returns the input `(batch, seq, hidden)` in the partial sum's dtype, the completed sources' total weight, and,
-    for the backward, `norm_with_eps(p)` and `w ⊙ γ · p` (fp32, `(batch, seq)` each)."""
+    for the backward, `norm_with_eps(p)` and `w ⊙ γ · p` (fp32, `(batch, seq, 1)` each)."""
     partial32 = as_float32(partial_sum)
-    norm = norm_with_eps(partial_sum, eps)
+    norm = norm_with_eps(partial_sum, eps, keepdim=True)
     dot = torch.matmul(partial32, query)
     # ℓ - s, with s = dot / rms(p) = sqrt(d) · dot / norm_with_eps(p)
     completed_weight = torch.sigmoid(torch.addcdiv(logsumexp, dot, norm, value=-(partial_sum.shape[-1] ** 0.5)))
-    hidden = torch.lerp(partial32, output, completed_weight.unsqueeze(-1))
+    hidden = torch.lerp(partial32, output, completed_weight)
     return cast(hidden, partial_sum.dtype), completed_weight, norm, dot
 
 
@@ -601,18 +606,19 @@ class PhaseTwoFunction(torch.autograd.Function):
             through_hidden = torch.matmul(rows, output.unsqueeze(-1)).view_as(dot)
             through_hidden -= torch.matmul(rows, partial32.unsqueeze(-1)).view_as(dot)
             grad_weight = through_hidden if grad_weight is None else grad_weight + through_hidden
-            grad_output = grad_hidden * completed_weight.unsqueeze(-1)
-            grad_partial = grad_hidden * (1 - completed_weight).unsqueeze(-1)
+            grad_output = grad_hidden * completed_weight
+            grad_partial = grad_hidden * (1 - completed_weight)
         # (the backward runs only when some output has a gradient, so `grad_weight` is never None here)
         grad_logsumexp = torch.ops.aten.sigmoid_backward(grad_weight, completed_weight)
         # d(ℓ - s)/d dot = -sqrt(d) / norm, d(ℓ - s)/d norm = sqrt(d) · dot / norm², and d norm / d p = p / norm
         grad_dot = torch.div(grad_logsumexp, norm).mul_(-sqrt_hidden)
+        query_row = query.t()
         if grad_partial is None:
-            grad_partial = grad_dot.unsqueeze(-1) * query
+            grad_partial = grad_dot * query_row
         else:
-            grad_partial.addcmul_(grad_dot.unsqueeze(-1), query)
-        grad_partial.addcmul_(partial32, torch.mul(grad_dot, dot).div_(norm).div_(norm).unsqueeze(-1), value=-1)
-        grad_query = torch.mv(partial32.reshape(-1, partial32.shape[-1]).t(), grad_dot.reshape(-1))
+            grad_partial.addcmul_(grad_dot, query_row)
+        grad_partial.addcmul_(partial32, torch.mul(grad_dot, dot).div_(norm).div_(norm), value=-1)
+        grad_query = torch.mm(partial32.reshape(-1, partial32.shape[-1]).t(), grad_dot.reshape(-1, 1))
         return grad_output, grad_logsumexp, grad_query, grad_partial, None
 
 
@@ -631,17 +637,19 @@ class TwoPhaseDepthAttention:
             outputs, logsumexp, probabilities = PhaseOneFunction.apply(sources, sources_inv_rms, queries)
         else:  # no autograd, or `torch.compile`, which plans the saved memory itself
             outputs, logsumexp, _, probabilities = phase_one(sources, sources_inv_rms, queries)
+        # per query: its output, its log-sum-exp and its query as columns (see `phase_two`), and the probabilities of
+        # all the block's queries with the query's index in them (sliced only if the weights are asked for)
         return [
-            (output, logsumexp, probabilities, query, sources.dtype)
-            for output, logsumexp, probabilities, query in zip(
-                outputs.unbind(-2), logsumexp.unbind(-1), probabilities.unbind(-1), queries.unbind(0)
+            (output, logsumexp, probabilities, index, query, sources.dtype)
+            for index, (output, logsumexp, query) in enumerate(
+                zip(outputs.unbind(-2), logsumexp.unsqueeze(-1).unbind(-2), queries.unsqueeze(-1).unbind(0))
             )
         ]
 
     @staticmethod
     def merge(read, partial_sum, eps: float, return_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        output, logsumexp, probabilities, query, dtype = read
-        weights = probabilities.permute(1, 2, 0) if return_weights else None
+        output, logsumexp, probabilities, index, query, dtype = read
+        weights = probabilities[..., index].permute(1, 2, 0) if return_weights else None
         if partial_sum is None:
             return cast(output, dtype), weights
         if torch.is_grad_enabled() and not torch.compiler.is_compiling():
@@ -649,7 +657,7 @@ class TwoPhaseDepthAttention:
         else:
             hidden, completed_weight, _, _ = phase_two(output, logsumexp, query, partial_sum, eps)
         if return_weights:
-            weights = torch.cat([weights * completed_weight.unsqueeze(-1), (1 - completed_weight).unsqueeze(-1)], -1)
+            weights = torch.cat([weights * completed_weight, 1 - completed_weight], -1)
         return hidden, weights
 
     @staticmethod
@@ -783,7 +791,7 @@ class AttnResAggregation(nn.Module):
 
     def __init__(self, config: AttnResConfig) -> None:
         super().__init__()
-        self.config = config
+        self.eps = config.rms_norm_eps  # the key norm's, read once as the RMSNorms read theirs
 
     def forward(
         self,
@@ -797,10 +805,9 @@ class AttnResAggregation(nn.Module):
         """Returns the aggregated input `h`, its depth weights (when `output_depth_attentions`), and with `norm_weight`
         the RMSNorm of `h` (else `None`)."""
         return_weights = kwargs.get("output_depth_attentions", False)
-        eps = self.config.rms_norm_eps
         if norm_weight is not None:
-            return implementation.merge_norm(read, partial_sum, eps, return_weights, norm_weight, norm_eps)
-        hidden, weights = implementation.merge(read, partial_sum, eps, return_weights)
+            return implementation.merge_norm(read, partial_sum, self.eps, return_weights, norm_weight, norm_eps)
+        hidden, weights = implementation.merge(read, partial_sum, self.eps, return_weights)
         return hidden, weights, None
 
 
@@ -813,32 +820,73 @@ def normalized_input(
     **kwargs: Unpack[TransformersKwargs],
 ) -> torch.Tensor:
     """`norm(h)`, the input a sublayer (or the output head) reads, with `h` from `aggregation`: computed in the merge
-    where the implementation can (`merge_norm`) and the norm may be computed from its weight (`is_fusable_norm`), else
-    by calling the norm. The norm's weight and eps go to the aggregation, never the module: module hooks (accelerate's
-    among them) move a module passed as an argument."""
-    if hasattr(implementation, "merge_norm") and is_fusable_norm(norm):
-        return aggregation(implementation, read, partial_sum, norm.weight, norm.variance_epsilon, **kwargs)[2]
+    where the implementation can (`merge_norm`) and the norm may be computed from its weight (`fusable_norm_weight`),
+    else by calling the norm. The norm's weight and eps go to the aggregation, never the module: module hooks
+    (accelerate's among them) move a module passed as an argument."""
+    if hasattr(implementation, "merge_norm") and (weight := fusable_norm_weight(norm)) is not None:
+        return aggregation(implementation, read, partial_sum, weight, norm.variance_epsilon, **kwargs)[2]
     return norm(aggregation(implementation, read, partial_sum, **kwargs)[0])
 
 
-def is_fusable_norm(norm: nn.Module) -> bool:
-    """Whether an implementation may compute `norm` from its weight and eps instead of calling it: a plain
-    `AttnResRMSNorm` with no hooks and no replaced `forward` (PEFT wrappers, accelerate's offloading hooks, user hooks
-    all need the call), holding its whole weight (not an FSDP or ZeRO-3 shard, nor an offloaded placeholder on the
-    meta device)."""
-    if type(norm) is not AttnResRMSNorm or norm._forward_hooks or norm._forward_pre_hooks or "forward" in vars(norm):
-        return False
+def calls_only_forward(module: nn.Module) -> bool:
+    """Whether calling `module` runs its class's `forward` and nothing else: no forward or backward hooks on it and no
+    `forward` replaced on the instance (accelerate's hooks replace it, DeepSpeed ZeRO-3 and users add hooks; PEFT's
+    wrappers are classes of their own, which callers rule out by type). Only then may the model compute what the call
+    would, or read the parameter the call would return, without the call (module-wide global hooks are not checked)."""
+    # nn.Module's own hook dictionaries, those its `_call_impl` checks (private; the same on torch 2.6 and 2.13,
+    # covered by tests/test_modeling_attnres.py::test_hooked_depth_parameters_are_read_by_calling_their_module)
+    return not (
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or "forward" in vars(module)
+    )
+
+
+def fusable_norm_weight(norm: nn.Module) -> torch.Tensor | None:
+    """The weight from which an implementation may compute `norm` instead of calling it, or `None`: a plain
+    `AttnResRMSNorm` (`calls_only_forward`) holding its whole weight (not an FSDP or ZeRO-3 shard, nor an offloaded
+    placeholder on the meta device)."""
+    if type(norm) is not AttnResRMSNorm or not calls_only_forward(norm):
+        return None
     # the norm's one parameter, checked directly: `holds_full_parameters` walks the module, which, 33 times per step,
     # costs a decoding step more than its launches do
     weight = norm.weight
-    return type(weight) is nn.Parameter and weight.device.type != "meta" and weight.numel() > 0
+    return weight if type(weight) is nn.Parameter and weight.device.type != "meta" and weight.numel() > 0 else None
 
 
 def holds_full_parameters(module: nn.Module, device: torch.device) -> bool:
     """Whether `module`'s parameters are plain tensors on `device` that hold their whole value right now. Engines that
     shard or offload a module (FSDP's DTensors, DeepSpeed ZeRO-3's empty placeholders, accelerate's meta-device
     offload) materialize them only inside the forward of the module they wrap."""
-    return all(type(p) is nn.Parameter and p.device == device and p.numel() > 0 for p in module.parameters())
+    return all(is_whole(parameter, device) for parameter in module.parameters())
+
+
+def is_whole(parameter: torch.Tensor, device: torch.device) -> bool:
+    """Whether `parameter` is a plain parameter on `device` holding its whole value (see `holds_full_parameters`)."""
+    return type(parameter) is nn.Parameter and parameter.device == device and parameter.numel() > 0
+
+
+def depth_parameter(module: nn.Module) -> torch.Tensor:
+    """What calling a depth module (`AttnResPseudoQuery`, `AttnResKeyNorm`, or PEFT's wrapper of one) returns: read
+    directly when the call would run only the module's `forward` (`calls_only_forward`; 66 module calls cost a
+    decoding step more than the aggregations' own launches), else by the call, which offloading hooks and PEFT's
+    `modules_to_save` wrappers must see."""
+    if type(module) in DEPTH_MODULES and calls_only_forward(module):
+        return module.weight
+    return module()
+
+
+def shared_depth_parameter(module: nn.Module, device: torch.device) -> torch.Tensor | None:
+    """`depth_parameter(module)` if the model may read it from outside the forward of the layer holding it, to share
+    the block's phase 1; else `None`. It may if the parameter holds its whole value on `device` now (engines that
+    shard or offload a layer materialize it only inside the layer's forward: `holds_full_parameters`), checked before
+    any call (a ZeRO-3 hook would gather it for the call and release it after, under the reference kept)."""
+    if type(module) in DEPTH_MODULES and calls_only_forward(module):
+        weight = module.weight
+        return weight if is_whole(weight, device) else None
+    return module() if holds_full_parameters(module, device) else None
 
 
 class OffloadedLayerInputs(torch.autograd.graph.saved_tensors_hooks):
@@ -939,28 +987,27 @@ class AttnResDecoderLayer(GradientCheckpointingLayer):
         `GradientCheckpointingLayer` (unchanged from transformers 5.4 to 5.25) checkpoints `forward`."""
         return self.gradient_checkpointing and self.training and torch.is_grad_enabled()
 
-    def holds_depth_parameters(self, device: torch.device) -> bool:
-        """Whether the model may read this layer's pseudo-queries and key norms from outside its forward, to share its
-        block's phase 1: they hold their whole value on `device` now (`holds_full_parameters`). Only these four
-        modules are checked, the parameters the model would read (walking the whole layer, every step, cost a decoding
-        step more than the aggregations' launches)."""
-        return all(
-            holds_full_parameters(module, device)
-            for module in (
-                self.self_attention_res_proj,
-                self.self_attention_res_norm,
-                self.mlp_res_proj,
-                self.mlp_res_norm,
-            )
-        )
+    def depth_modules(self) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+        """The modules holding the layer's depth parameters: the attention's and the MLP's pseudo-queries, then their
+        key norms."""
+        return self.self_attention_res_proj, self.mlp_res_proj, self.self_attention_res_norm, self.mlp_res_norm
 
     def depth_query_parts(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The pseudo-queries `w` and key-norm scales `γ` of the layer's two aggregations (attention, MLP), each read
-        by calling its module, for `DepthQueries`."""
-        return (
-            [self.self_attention_res_proj(), self.mlp_res_proj()],
-            [self.self_attention_res_norm(), self.mlp_res_norm()],
-        )
+        """The pseudo-queries `w` and key-norm scales `γ` of the layer's two aggregations (attention, MLP), for
+        `DepthQueries`."""
+        attention_query, mlp_query, attention_key_weight, mlp_key_weight = map(depth_parameter, self.depth_modules())
+        return [attention_query, mlp_query], [attention_key_weight, mlp_key_weight]
+
+    def shared_depth_query_parts(self, device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+        """`depth_query_parts` read by the model, to share the block's phase 1, or `None` where it may not read them
+        from outside the layer's forward (`shared_depth_parameter`). Only the layer's four depth parameters are
+        checked: walking the whole layer, every step, cost a decoding step more than the aggregations' launches."""
+        parameters = []
+        for module in self.depth_modules():
+            if (parameter := shared_depth_parameter(module, device)) is None:
+                return None
+            parameters.append(parameter)
+        return parameters[:2], parameters[2:]
 
     def sublayer_output(self, sublayer: FamilySublayer, output) -> torch.Tensor:
         """The value a sublayer adds to the residual stream: its output (the first entry of a tuple, an attention's
@@ -1492,10 +1539,12 @@ class AttnResModel(AttnResPreTrainedModel):
             else None
         )
         implementation = depth_attention(self.config, inputs_embeds.device)
-        sharing = [
-            not layer.is_recomputed() and layer.holds_depth_parameters(inputs_embeds.device) for layer in self.layers
+        layer_queries = [
+            None if layer.is_recomputed() else layer.shared_depth_query_parts(inputs_embeds.device)
+            for layer in self.layers
         ]
-        queries = self.depth_queries(sharing)
+        sharing = [parts is not None for parts in layer_queries]
+        queries = self.depth_queries(layer_queries)
         blocks = self.blocks()
         final_read, first_row, first_layer = None, 0, 0
         hidden_states = inputs_embeds
@@ -1547,23 +1596,23 @@ class AttnResModel(AttnResPreTrainedModel):
             blocks[-1].append(layer)
         return blocks
 
-    def depth_queries(self, sharing: list[bool]) -> DepthQueries:
-        """The queries of every aggregation whose phase 1 the model computes (`DepthQueries`, folded at once): the
-        attention and MLP aggregations of each layer in `sharing`, in order, then the output's (the last row).
+    def depth_queries(self, layer_queries: list[tuple[list[torch.Tensor], list[torch.Tensor]] | None]) -> DepthQueries:
+        """The queries of every aggregation whose phase 1 the model computes (`DepthQueries`, folded at once): those of
+        the layers that share their block's phase 1 (`layer_queries`: each layer's `shared_depth_query_parts`, `None`
+        for the others), in order, then the output's (the last row).
 
         A layer shares its block's phase 1 (Algorithm 1: a block's queries share one read of the sources) unless
         activation checkpointing recomputes it (it then recomputes its phase 1 from its own inputs, keeping only the
         partial sum per layer, paper §4.1; with transformers 5.23's `every_n_layers` only some layers are), or the
         model may not read its parameters from outside its forward (FSDP, ZeRO-3, offloading: see
-        `holds_full_parameters`)."""
+        `shared_depth_parameter`)."""
         pseudo_queries, key_weights = [], []
-        for layer, shares in zip(self.layers, sharing):
-            if shares:
-                layer_queries, layer_key_weights = layer.depth_query_parts()
-                pseudo_queries += layer_queries
-                key_weights += layer_key_weights
-        pseudo_queries.append(self.output_attn_res_proj())
-        key_weights.append(self.output_attn_res_norm())
+        for parts in layer_queries:
+            if parts is not None:
+                pseudo_queries += parts[0]
+                key_weights += parts[1]
+        pseudo_queries.append(depth_parameter(self.output_attn_res_proj))
+        key_weights.append(depth_parameter(self.output_attn_res_norm))
         return DepthQueries(pseudo_queries, key_weights)
 
 
