@@ -33,11 +33,16 @@ pseudo-queries and key norms where they live, `phase_one_in_place`, so no folded
 -12.19 launches and -10.34·d: fewer operators and bytes than Llama, the fused merge replacing the PreNorm RMSNorm's.
 """
 
+import runpy
+from pathlib import Path
+
 import pytest
 import torch
 
+from attnres import AttnResForCausalLM
 from tests.conftest import launches_kernels
 from tests.launch_budget import BudgetSetting, count, measure
+from tests.tiny_models import randomize_, tiny_config
 
 
 BUDGET = {  # (launches, bytes in d-vectors per token), per sublayer, beyond Llama
@@ -104,3 +109,32 @@ def test_counter_counts_kernels_and_the_bytes_they_move():
     leaf = torch.randn(4, 8, requires_grad=True)
     backward = count(lambda: (leaf * 3).sum().backward())
     assert backward.launches["aten.mul"] == 2  # forward, and the backward's gradient of the product
+
+
+def test_decode_breakdown_benchmark_replaces_what_it_says(tmp_path, monkeypatch):
+    """benchmarks/decode_breakdown.py times the decoding step with parts of the AttnRes path replaced by stand-ins:
+    each variant must really run without the parts it names (counted: fewer launches; no phase 1 at the end), leave
+    the model whole afterwards, and the script must run to its table, so that it cannot rot as the model changes."""
+    script = Path(__file__).parent.parent / "benchmarks" / "decode_breakdown.py"
+    monkeypatch.syspath_prepend(str(script.parent))  # as `python benchmarks/decode_breakdown.py` has it
+    benchmark = runpy.run_path(str(script), run_name="benchmark")
+    model = randomize_(AttnResForCausalLM(tiny_config("block")), query_std=0.3).eval()
+    ids = torch.randint(3, 99, (1, 5))
+    with torch.no_grad():
+        expected = model(ids).logits
+        launches = {}
+        for variant in ("full", "no merge", "no merge or norm", "no AttnRes path"):
+            with benchmark["replaced"](variant):
+                launches[variant] = count(lambda: model(ids)).launches
+        assert torch.equal(model(ids).logits, expected)
+    totals = [sum(counts.values()) for counts in launches.values()]
+    assert totals == sorted(totals, reverse=True) and len(set(totals)) == 4, totals
+    assert launches["no merge or norm"]["aten._softmax"] > 0 and launches["no AttnRes path"]["aten._softmax"] == 0
+
+    arguments = "--hidden-size 32 --intermediate-size 64 --layers 8 --heads 2 --kv-heads 1 --prompt 4 --steps 2"
+    monkeypatch.setattr(
+        "sys.argv", ["decode_breakdown.py", *arguments.split(), "--fastest", "1", "--output", str(tmp_path)]
+    )
+    benchmark["main"]()
+    rows = (tmp_path / "decode-breakdown-cpu.md").read_text().splitlines()[4:]
+    assert [row.split("|")[1].strip() for row in rows] == ["full", "no merge", "no merge or norm", "no AttnRes path"]
