@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from overhead_benchmark import build_models, cache_argument
+from overhead_benchmark import add_model_arguments, build_models, cache_argument
 from transformers import DynamicCache
 
 from attnres import modeling_attnres as code
@@ -99,11 +99,7 @@ def fastest_cpu_time_ratio(runs: dict, steps: int, fastest: int) -> tuple[float,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden-size", type=int, default=1024)
-    parser.add_argument("--intermediate-size", type=int, default=2816)
-    parser.add_argument("--layers", type=int, default=16)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--kv-heads", type=int, default=8)
+    add_model_arguments(parser)
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--steps", type=int, default=150, help="interleaved steps per variant")
     parser.add_argument("--fastest", type=int, default=10, help="mean of the fastest steps")

@@ -33,6 +33,15 @@ BASELINE = "llama"
 MODES = ("block", "full")
 
 
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """The model shape `build_models` reads (the issue-25 setting by default), for every script that builds them."""
+    parser.add_argument("--hidden-size", type=int, default=1024)
+    parser.add_argument("--intermediate-size", type=int, default=2816)
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--kv-heads", type=int, default=8)
+
+
 def build_models(args) -> dict[str, torch.nn.Module]:
     common = dict(
         vocab_size=32000,
@@ -219,11 +228,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=list(DTYPES))
-    parser.add_argument("--hidden-size", type=int, default=1024)
-    parser.add_argument("--intermediate-size", type=int, default=2816)
-    parser.add_argument("--layers", type=int, default=16)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--kv-heads", type=int, default=8)
+    add_model_arguments(parser)
     parser.add_argument("--prefill", default="1x512,1x2048,4x512", help="batch x seq shapes")
     parser.add_argument("--decode", default="512+128", help="prompt + new tokens")
     parser.add_argument("--train", default="1x512", help="batch x seq shapes")

@@ -19,7 +19,7 @@ from collections import defaultdict
 from collections.abc import Callable
 
 import torch
-from overhead_benchmark import BASELINE, build_models, cache_argument
+from overhead_benchmark import BASELINE, add_model_arguments, build_models, cache_argument
 from torch.profiler import profile
 
 from attnres import modeling_attnres
@@ -127,11 +127,7 @@ def main() -> None:
     parser.add_argument("--mode", choices=["prefill", "decode", "train"], default="prefill")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--seq", type=int, default=512, help="sequence length (decode: the prompt)")
-    parser.add_argument("--hidden-size", type=int, default=1024)
-    parser.add_argument("--intermediate-size", type=int, default=2816)
-    parser.add_argument("--layers", type=int, default=16)
-    parser.add_argument("--heads", type=int, default=16)
-    parser.add_argument("--kv-heads", type=int, default=8)
+    add_model_arguments(parser)
     parser.add_argument("--repeats", type=int, default=3, help="profiled steps per model, interleaved")
     parser.add_argument("--rows", type=int, default=15)
     args = parser.parse_args()

@@ -873,9 +873,7 @@ def depth_parameter(module: nn.Module) -> torch.Tensor:
     directly when the call would run only the module's `forward` (`calls_only_forward`; 66 module calls cost a
     decoding step more than the aggregations' own launches), else by the call, which offloading hooks and PEFT's
     `modules_to_save` wrappers must see."""
-    if type(module) in DEPTH_MODULES and calls_only_forward(module):
-        return module.weight
-    return module()
+    return module.weight if reads_directly(module) else module()
 
 
 def shared_depth_parameter(module: nn.Module, device: torch.device) -> torch.Tensor | None:
@@ -883,10 +881,16 @@ def shared_depth_parameter(module: nn.Module, device: torch.device) -> torch.Ten
     the block's phase 1; else `None`. It may if the parameter holds its whole value on `device` now (engines that
     shard or offload a layer materialize it only inside the layer's forward: `holds_full_parameters`), checked before
     any call (a ZeRO-3 hook would gather it for the call and release it after, under the reference kept)."""
-    if type(module) in DEPTH_MODULES and calls_only_forward(module):
+    if reads_directly(module):
         weight = module.weight
         return weight if is_whole(weight, device) else None
     return module() if holds_full_parameters(module, device) else None
+
+
+def reads_directly(module: nn.Module) -> bool:
+    """Whether a depth module's parameter may be read without calling it: a plain `AttnResPseudoQuery` or
+    `AttnResKeyNorm` whose call would run only its `forward`, which returns it (`calls_only_forward`)."""
+    return type(module) in DEPTH_MODULES and calls_only_forward(module)
 
 
 class OffloadedLayerInputs(torch.autograd.graph.saved_tensors_hooks):
